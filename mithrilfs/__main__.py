@@ -1,0 +1,3 @@
+from mithrilfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""The `mithrilfs` command line.
+
+Exit codes: 0 success; 1 the operation failed (or fsck found problems);
+2 bad usage or input; 3 the store needs repair.  Failures print one line on
+stderr, never a traceback.
+
+Besides the subcommands, mount(8) calls helpers as
+``mithrilfs STORE MOUNTPOINT -o OPTIONS`` (through mount.fuse3, for
+``mount -t fuse.mithrilfs`` and fstab lines); that form is accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mithrilfs import __version__, device, fsck, hooks
+from mithrilfs.errors import UserError
+from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
+from mithrilfs.repository import LOCK_NAME, Repository, default_store_dir, holder_pid
+
+DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
+SUBCOMMANDS = ("mount", "umount", "unmount", "fsck", "env", "classes", "version")
+
+# Options that mount(8) and fstab pass along and that mean nothing here.
+_IGNORED_MOUNT_OPTIONS = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "_netdev",
+        "nofail",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "rw",
+        "async",
+        "atime",
+        "noatime",
+        "relatime",
+        "nodiratime",
+    }
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) >= 2 and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        args = _helper_form(args)
+    parser = _parser()
+    options = parser.parse_args(args)
+    if not hasattr(options, "command"):
+        parser.print_help()
+        return 2
+    try:
+        return int(options.command(options))
+    except UserError as exc:
+        print(f"mithrilfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, with the traceback on request
+        if os.environ.get("MITHRILFS_DEBUG"):
+            raise
+        print(
+            f"mithrilfs: internal error: {type(exc).__name__}: {exc} "
+            "(set MITHRILFS_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _helper_form(args: list[str]) -> list[str]:
+    """Turn ``STORE MOUNTPOINT [-o OPTS]`` (mount.fuse3) into a mount command line."""
+    store, mountpoint, *rest = args
+    return ["mount", mountpoint, "--store", store, *rest]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mithrilfs",
+        description="A content-addressed, size-capped FUSE filesystem for the Triton and "
+        "PyTorch inductor compiler caches.",
+        epilog="Typical use: 'mithrilfs mount /var/cache/mithril', then "
+        "'eval \"$(mithrilfs env /var/cache/mithril)\"' in job scripts.",
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    mount = sub.add_parser(
+        "mount",
+        help="mount a store (daemonizes once the mount is ready)",
+        description="Mount the store at MOUNTPOINT. Returns once the mount serves requests; "
+        "--foreground keeps the daemon attached (systemd, tests).",
+    )
+    mount.add_argument(
+        "mountpoint",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_MOUNTPOINT,
+        help=f"where to mount (default {DEFAULT_MOUNTPOINT})",
+    )
+    _store_argument(mount)
+    mount.add_argument(
+        "--device-class",
+        default="auto",
+        help="tree to serve: auto (detect this node's accelerator) or a name "
+        "such as cuda-sm90, rocm-gfx942, cpu-x86_64-avx2 (default auto)",
+    )
+    mount.add_argument(
+        "-f", "--foreground", action="store_true", help="stay attached and log to stderr"
+    )
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let users other than the one mounting use the mount",
+    )
+    mount.add_argument(
+        "--read-only", action="store_true", help="serve hits but refuse every write with EROFS"
+    )
+    mount.add_argument(
+        "-o",
+        dest="mount_options",
+        default="",
+        help="comma-separated mount options: allow_other, ro, "
+        "device_class=NAME, store=DIR, log_level=LEVEL (fstab form)",
+    )
+    mount.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (default INFO)",
+    )
+    mount.add_argument(
+        "--log-file", type=Path, help="log here instead of stderr (foreground) or syslog (daemon)"
+    )
+    mount.set_defaults(command=_cmd_mount)
+
+    for name in ("umount", "unmount"):
+        umount = sub.add_parser(
+            name,
+            help="unmount and wait for the daemon to close the store",
+            description="Unmount MOUNTPOINT and wait until its daemon has closed the store.",
+        )
+        umount.add_argument("mountpoint", type=Path)
+        umount.add_argument(
+            "--lazy",
+            action="store_true",
+            help="detach now even if files are still open (umount -l)",
+        )
+        umount.add_argument(
+            "--timeout",
+            type=float,
+            default=60.0,
+            help="seconds to wait for the daemon to exit (default 60)",
+        )
+        umount.set_defaults(command=_cmd_umount)
+
+    check = sub.add_parser(
+        "fsck",
+        help="check (and repair) a store's invariants",
+        description="Check every invariant of an unmounted store. Exits 0 when clean, "
+        "1 when problems remain.",
+    )
+    _store_argument(check)
+    check.add_argument("--repair", action="store_true", help="fix what is found")
+    check.add_argument(
+        "--quick",
+        action="store_true",
+        help="check that objects exist but do not re-hash their bytes",
+    )
+    check.add_argument("--json", action="store_true", help="print a JSON report")
+    check.set_defaults(command=_cmd_fsck)
+
+    env = sub.add_parser(
+        "env",
+        help="print the export lines that point the compilers at a mount",
+        description="Print shell export lines for TRITON_CACHE_DIR and "
+        'TORCHINDUCTOR_CACHE_DIR; use as: eval "$(mithrilfs env MOUNTPOINT)"',
+    )
+    env.add_argument(
+        "mountpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help=f"the mount (default $MITHRILFS_MOUNT or {DEFAULT_MOUNTPOINT})",
+    )
+    env.set_defaults(command=_cmd_env)
+
+    classes = sub.add_parser("classes", help="list the device classes in a store")
+    _store_argument(classes)
+    classes.add_argument("--json", action="store_true", help="print JSON")
+    classes.set_defaults(command=_cmd_classes)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(command=lambda _options: print(f"mithrilfs {__version__}") or 0)
+    return parser
+
+
+def _store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", type=Path, default=None, help=f"store directory (default {default_store_dir()})"
+    )
+
+
+def _store(options: argparse.Namespace) -> Path:
+    return Path(options.store if options.store is not None else default_store_dir()).absolute()
+
+
+# -- mount ---------------------------------------------------------------------
+
+
+def _cmd_mount(options: argparse.Namespace) -> int:
+    from mithrilfs.daemon import MountConfig, run_mount  # imports pyfuse3: only when mounting
+
+    settings = _parse_mount_options(options.mount_options)
+    store = Path(settings.pop("store", "") or _store(options)).absolute()
+    requested_class = settings.pop("device_class", options.device_class)
+    try:
+        device_class = device.resolve(requested_class)
+    except device.DeviceClassError as exc:
+        raise UserError(str(exc), 2) from None
+    config = MountConfig(
+        mountpoint=options.mountpoint.absolute(),
+        store=store,
+        device_class=device_class,
+        foreground=options.foreground or "foreground" in settings,
+        allow_other=options.allow_other or "allow_other" in settings,
+        read_only=options.read_only or "ro" in settings,
+        log_level=str(settings.get("log_level", options.log_level)).upper(),
+        log_file=options.log_file,
+    )
+    return run_mount(config)
+
+
+def _parse_mount_options(text: str) -> dict[str, str]:
+    known_flags = {"allow_other", "ro", "foreground"}
+    known_values = {"device_class", "store", "log_level"}
+    settings: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, has_value, value = item.partition("=")
+        if key in _IGNORED_MOUNT_OPTIONS or key.startswith("x-"):
+            continue
+        if key in known_flags and not has_value:
+            settings[key] = ""
+        elif key in known_values and has_value and value:
+            settings[key] = value
+        else:
+            raise UserError(f"unknown or malformed mount option '{item}'", 2)
+    return settings
+
+
+def _cmd_umount(options: argparse.Namespace) -> int:
+    mountpoint = options.mountpoint.absolute()
+    entry = find_mount(mountpoint)
+    if entry is None:
+        raise UserError(f"{mountpoint} is not mounted", 1)
+    if entry.fstype != FSTYPE:
+        raise UserError(f"{mountpoint} is not a mithrilfs mount ({entry.fstype})", 1)
+    store = Path(entry.source)
+    pid = holder_pid(store)
+    result = fusermount_unmount(mountpoint, lazy=options.lazy)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        if "busy" in reason.lower():
+            raise UserError(
+                f"{mountpoint} is busy: files are still open there "
+                "(see 'fuser -vm'; or pass --lazy)",
+                1,
+            )
+        raise UserError(f"cannot unmount {mountpoint}: {reason or 'fusermount3 failed'}", 1)
+    if pid is not None and not _wait_for_store_release(store, options.timeout):
+        raise UserError(
+            f"unmounted {mountpoint}, but daemon pid {pid} has not closed the "
+            f"store after {options.timeout:.0f}s",
+            1,
+        )
+    return 0
+
+
+def _wait_for_store_release(store: Path, timeout: float) -> bool:
+    """Poll the store lock until the daemon lets go of it, or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(store / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        finally:
+            os.close(fd)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# -- offline store commands ------------------------------------------------------
+
+
+def _cmd_fsck(options: argparse.Namespace) -> int:
+    store = _store(options)
+    repo = Repository.open(store, create=False)
+    try:
+        report = fsck.check(repo.index, repo.content, verify_hashes=not options.quick)
+        found = len(report.problems)
+        if options.repair and found:
+            fsck.repair(report)
+            report = fsck.check(repo.index, repo.content, verify_hashes=not options.quick)
+    finally:
+        repo.close()
+    if options.json:
+        print(
+            json.dumps(
+                {
+                    "store": str(store),
+                    "clean": report.clean,
+                    "found": found,
+                    "problems": [{"kind": p.kind, "detail": p.detail} for p in report.problems],
+                    "objects_checked": report.objects_checked,
+                    "inodes_checked": report.inodes_checked,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for problem in report.problems:
+            print(f"{problem.kind}: {problem.detail}")
+        if options.repair and found:
+            print(f"{store}: repaired {found - len(report.problems)} of {found} problems")
+        status = "clean" if report.clean else f"{len(report.problems)} problems"
+        print(
+            f"{store}: {status} ({report.objects_checked} objects, "
+            f"{report.inodes_checked} inodes checked)"
+        )
+    return 0 if report.clean else 1
+
+
+def _cmd_env(options: argparse.Namespace) -> int:
+    mountpoint = options.mountpoint or Path(os.environ.get("MITHRILFS_MOUNT") or DEFAULT_MOUNTPOINT)
+    sys.stdout.write(hooks.env_lines(os.fspath(mountpoint.absolute())))
+    return 0
+
+
+def _cmd_classes(options: argparse.Namespace) -> int:
+    from mithrilfs.classes import class_usage
+
+    repo = Repository.open(_store(options), create=False)
+    try:
+        usage = class_usage(repo.index)
+    finally:
+        repo.close()
+    if options.json:
+        print(json.dumps([u.__dict__ for u in usage], indent=2))
+    else:
+        print(f"{'CLASS':<24} {'FILES':>10} {'BYTES':>14}")
+        for u in usage:
+            print(f"{u.name:<24} {u.files:>10} {u.bytes:>14}")
+    return 0

@@ -1,0 +1,438 @@
+"""The pyfuse3 request handlers.
+
+Handlers translate a request into calls on the index (namespace) and the
+open-file layer (content), and turn the outcome into what the kernel
+expects.  This is the one place where errors become errnos: `FsError`
+carries its own, a few `OSError`s from the backing disk pass through (ENOSPC
+must reach the writer as ENOSPC), and anything unexpected is logged with its
+traceback and answered with EIO so that the mount stays up.
+
+The kernel sees inode 1 as the root; here that is the root directory of the
+mount's device class.  Every other inode number is the index's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from mithrilfs.errors import FsError
+from mithrilfs.index import RENAME_EXCHANGE, RENAME_NOREPLACE, SUPER_ROOT, Index, Inode
+from mithrilfs.openfiles import OpenFiles
+from mithrilfs.store import ContentStore
+
+log = logging.getLogger(__name__)
+
+# Every change to the namespace goes through this daemon and so through the
+# kernel, which updates its own caches as it forwards them; names the
+# filesystem drops on its own are invalidated explicitly.  So the kernel may
+# keep what it learns for a long time, negative lookups included.
+ENTRY_TIMEOUT = 3600.0
+ATTR_TIMEOUT = 3600.0
+NEGATIVE_TIMEOUT = 3600.0
+# Python and cp size their buffers by st_blksize; 4 KiB would mean many
+# small reads per file.
+BLOCK_SIZE = 128 * 1024
+READDIR_BATCH = 256
+
+# OSErrors from the backing store that mean the same to the caller.
+_PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def guarded(
+    handler: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
+    """Map every failure of *handler* to a FUSEError; never let one escape."""
+
+    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(self, *args, **kwargs)
+        except FUSEError:
+            raise
+        except FsError as exc:
+            raise FUSEError(exc.errno) from None
+        except OSError as exc:
+            if exc.errno in _PASSTHROUGH_ERRNOS:
+                raise FUSEError(exc.errno) from None
+            log.exception("%s failed", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    functools.update_wrapper(wrapper, handler)
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, index: Index, store: ContentStore, root: int, *, read_only: bool = False):
+        super().__init__()
+        self.index = index
+        self.store = store
+        self.root = root
+        self.read_only = read_only
+        self.files = OpenFiles(index, store)
+        # How many times the kernel holds each inode (lookup count); an
+        # unlinked inode is freed only when this drops to zero.
+        self.lookups: dict[int, int] = {}
+        self.dir_handles = 0
+
+    # -- inode numbers and attributes ---------------------------------------
+
+    def _ino(self, fuse_ino: int) -> int:
+        return self.root if fuse_ino == pyfuse3.ROOT_INODE else fuse_ino
+
+    def _fuse_ino(self, ino: int) -> pyfuse3.InodeT:
+        return pyfuse3.ROOT_INODE if ino == self.root else pyfuse3.InodeT(ino)
+
+    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self._fuse_ino(node.id)
+        attrs.generation = 0
+        attrs.entry_timeout = ENTRY_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.st_mode = pyfuse3.ModeT(node.mode)
+        attrs.st_nlink = node.nlink
+        attrs.st_uid = node.uid
+        attrs.st_gid = node.gid
+        attrs.st_rdev = 0
+        size = node.size
+        mtime = node.mtime_ns
+        staged_size = self.files.current_size(node.id) if node.is_file else None
+        if staged_size is not None:
+            size = staged_size
+        attrs.st_size = size
+        attrs.st_blksize = BLOCK_SIZE
+        attrs.st_blocks = (size + 511) // 512
+        attrs.st_atime_ns = node.atime_ns
+        attrs.st_mtime_ns = mtime
+        attrs.st_ctime_ns = node.ctime_ns
+        return attrs
+
+    def _remember(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Reply with an entry the kernel will now hold: count it."""
+        self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
+        return self._attrs(node)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+    def _maybe_free(self, ino: int) -> None:
+        """Delete an unlinked inode once neither the kernel nor a handle holds it."""
+        if ino in self.lookups or self.files.is_open(ino):
+            return
+        unused = self.index.free_inode(ino)
+        if unused is not None:
+            self.store.delete(unused)
+
+    def forget_all(self) -> None:
+        """At unmount the kernel forgets everything at once."""
+        self.files.close_all()
+        remembered = list(self.lookups)
+        self.lookups.clear()
+        for ino in remembered:
+            self._maybe_free(ino)
+
+    # -- names ----------------------------------------------------------------
+
+    @guarded
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._ino(parent_inode)
+        if name == b".":
+            return self._remember(self.index.get(parent))
+        if name == b"..":
+            up = self.index.parent_of(parent) if parent != self.root else None
+            return self._remember(self.index.get(up if up not in (None, SUPER_ROOT) else self.root))
+        node = self.index.lookup(parent, name)
+        if node is None:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = pyfuse3.InodeT(0)
+            negative.entry_timeout = NEGATIVE_TIMEOUT
+            return negative
+        return self._remember(node)
+
+    @guarded
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for fuse_ino, count in inode_list:
+            ino = self._ino(fuse_ino)
+            remaining = self.lookups.get(ino, 0) - count
+            if remaining > 0:
+                self.lookups[ino] = remaining
+                continue
+            self.lookups.pop(ino, None)
+            self._maybe_free(ino)
+
+    @guarded
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.index.get(self._ino(inode)))
+
+    @guarded
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        ino = self._ino(inode)
+        node = self.index.get(ino)
+        now = time.time_ns()
+        if fields.update_size:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_file:
+                raise FsError(errno.EINVAL)
+            await self.files.truncate(ino, attr.st_size, fh)
+            node = self.index.get(ino)
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+            self.files.set_mtime(ino, attr.st_mtime_ns)
+        if changes or fields.update_size:
+            changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
+        with self.index.transaction():
+            self.index.set_attrs(ino, **changes)
+        return self._attrs(self.index.get(ino))
+
+    @guarded
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.index.get(self._ino(inode))
+        if node.target is None:
+            raise FsError(errno.EINVAL)
+        return node.target
+
+    @guarded
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM)
+        with self.index.transaction():
+            node = self.index.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._remember(node)
+
+    @guarded
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with self.index.transaction():
+            node = self.index.make_node(
+                self._ino(parent_inode), name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid
+            )
+        return self._remember(node)
+
+    @guarded
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        with self.index.transaction():
+            node = self.index.make_node(
+                self._ino(parent_inode),
+                name,
+                stat.S_IFLNK | 0o777,
+                ctx.uid,
+                ctx.gid,
+                target=target,
+            )
+        return self._remember(node)
+
+    @guarded
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        # Cache entries are published by rename; hard links would tie the
+        # eviction of one entry to another's.
+        raise FsError(errno.EPERM)
+
+    @guarded
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._writable()
+        node = self.index.unlink(self._ino(parent_inode), name)
+        self._maybe_free(node.id)
+
+    @guarded
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._writable()
+        node = self.index.rmdir(self._ino(parent_inode), name)
+        self._maybe_free(node.id)
+
+    @guarded
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: bytes,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: bytes,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL)
+        replaced = self.index.rename(
+            self._ino(parent_inode_old), name_old, self._ino(parent_inode_new), name_new, flags
+        )
+        if replaced is not None:
+            self._maybe_free(replaced.id)
+
+    # -- directories ----------------------------------------------------------
+
+    @guarded
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        ino = self._ino(inode)
+        if not self.index.get(ino).is_dir:
+            raise FsError(errno.ENOTDIR)
+        self.dir_handles += 1
+        return pyfuse3.FileHandleT(ino)
+
+    @guarded
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        after = start_id
+        while True:
+            batch = self.index.readdir(fh, after, READDIR_BATCH)
+            for entry_id, name, node in batch:
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
+                    return
+                self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
+                after = entry_id
+            if len(batch) < READDIR_BATCH:
+                return
+
+    @guarded
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self.dir_handles -= 1
+
+    @guarded
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        return None
+
+    # -- files ------------------------------------------------------------------
+
+    @guarded
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: bytes,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._writable()
+        with self.index.transaction():
+            node = self.index.make_node(
+                self._ino(parent_inode), name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
+            )
+        fh = self.files.open(node.id, flags & ~os.O_TRUNC)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._remember(node)
+
+    @guarded
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        ino = self._ino(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        if not self.index.get(ino).is_file:
+            raise FsError(errno.EISDIR)
+        fh = self.files.open(ino, flags)
+        # Content is immutable once sealed and every change passes through
+        # the kernel's own page cache, so cached pages stay valid across opens.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    @guarded
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        return self.files.read(fh, off, size)
+
+    @guarded
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        self._writable()
+        return self.files.write(fh, off, buf)
+
+    @guarded
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        await self.files.flush(fh)
+
+    @guarded
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.files.fsync(fh)
+
+    @guarded
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        ino = await self.files.release(fh)
+        if ino is not None:
+            self._maybe_free(ino)
+
+    # -- the filesystem ---------------------------------------------------------
+
+    @guarded
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = os.statvfs(self.store.root)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = backing.f_bsize
+        data.f_frsize = backing.f_frsize
+        data.f_blocks = backing.f_blocks
+        data.f_bfree = backing.f_bfree
+        data.f_bavail = backing.f_bavail
+        data.f_files = backing.f_files
+        data.f_ffree = backing.f_ffree
+        data.f_favail = backing.f_favail
+        data.f_namemax = 255
+        return data

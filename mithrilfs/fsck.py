@@ -1,0 +1,290 @@
+"""The store's invariant checker, and its repair.
+
+Invariants (each problem found names the one it breaks):
+  objects   every object row has a file of the right size whose blake3 is its name
+  refcount  an object's refcount equals the number of inodes that refer to it
+  dangling  every file inode refers to an object row; every entry to an inode
+  orphan    every file under objects/ has a row
+  staging   no staging file is left behind while no daemon runs
+  unlinked  no inode with nlink 0 is left behind while no daemon runs
+  nlink     a file has exactly one entry; a directory 2 + its subdirectories
+  size      a file's size equals its object's size
+  tree      every entry's parent is a directory; every directory is reachable
+
+Repair makes the store consistent again without guessing content: a file
+whose object is missing or corrupt is removed (the compiler rebuilds it on its
+next miss), counts are recomputed, and leftovers are deleted.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mithrilfs.index import SUPER_ROOT, Index
+from mithrilfs.store import EMPTY_DIGEST, ContentStore
+
+_S_IFMT = 0o170000
+
+
+@dataclass
+class Problem:
+    kind: str
+    detail: str
+    repair: Callable[[], None] | None = None
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    objects_checked: int = 0
+    inodes_checked: int = 0
+    repaired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def check(
+    index: Index,
+    content: ContentStore,
+    *,
+    verify_hashes: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    report = Report()
+    db = index.db
+    add = report.problems.append
+
+    referenced: dict[bytes, int] = {}
+    for digest, count in db.execute(
+        "SELECT object, count(*) FROM inodes WHERE object IS NOT NULL GROUP BY object"
+    ):
+        referenced[digest] = count
+
+    rows = db.execute("SELECT hash, size, refcount FROM objects").fetchall()
+    known = {digest for digest, _size, _refcount in rows}
+    for done, (digest, size, refcount) in enumerate(rows, 1):
+        report.objects_checked += 1
+        if progress is not None:
+            progress(done, len(rows))
+        actual = referenced.get(digest, 0)
+        if refcount != actual:
+            add(
+                Problem(
+                    "refcount",
+                    f"object {digest.hex()} has refcount {refcount}, referenced {actual} times",
+                    _fix_refcount(index, digest, actual),
+                )
+            )
+        if actual == 0 and digest != EMPTY_DIGEST:
+            continue  # reported above; repair deletes the row
+        if verify_hashes:
+            damage = content.verify(digest, size)
+        else:
+            damage = None if content.has(digest) else "missing"
+        if damage is not None:
+            add(
+                Problem(
+                    "objects",
+                    f"object {digest.hex()}: {damage}",
+                    _drop_object(index, content, digest),
+                )
+            )
+
+    for (digest,) in db.execute("SELECT DISTINCT object FROM inodes WHERE object IS NOT NULL"):
+        if digest not in known:
+            add(
+                Problem(
+                    "dangling",
+                    f"files refer to object {digest.hex()}, which has no row",
+                    _drop_object(index, content, digest),
+                )
+            )
+
+    for digest, path in content.iter_objects():
+        if digest is None or digest not in known:
+            add(Problem("orphan", f"object file {path} has no row", _unlink(path)))
+
+    for path in content.staging_files():
+        add(Problem("staging", f"leftover staging file {path}", _unlink(path)))
+
+    for (ino,) in db.execute("SELECT id FROM inodes WHERE nlink = 0"):
+        add(
+            Problem(
+                "unlinked",
+                f"inode {ino} is unlinked but was never freed",
+                _free(index, content, ino),
+            )
+        )
+
+    _check_namespace(index, content, report)
+    return report
+
+
+def _check_namespace(index: Index, content: ContentStore, report: Report) -> None:
+    db = index.db
+    add = report.problems.append
+    entry_counts = dict(db.execute("SELECT inode, count(*) FROM entries GROUP BY inode"))
+    subdirs = dict(
+        db.execute(
+            "SELECT e.parent, count(*) FROM entries e JOIN inodes i ON i.id = e.inode "
+            f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFDIR} GROUP BY e.parent"
+        )
+    )
+    for ino, mode, nlink, size, digest in db.execute(
+        "SELECT i.id, i.mode, i.nlink, i.size, i.object FROM inodes i"
+    ).fetchall():
+        report.inodes_checked += 1
+        if ino == SUPER_ROOT or nlink == 0:
+            continue
+        entries = entry_counts.get(ino, 0)
+        if stat.S_ISDIR(mode):
+            expected = 2 + subdirs.get(ino, 0)
+            if entries != 1 or nlink != expected:
+                add(
+                    Problem(
+                        "nlink",
+                        f"directory {ino}: nlink {nlink} (expected {expected}), {entries} entries",
+                        _set_nlink(index, ino, expected),
+                    )
+                )
+        else:
+            if entries != 1 or nlink != 1:
+                add(
+                    Problem(
+                        "nlink",
+                        f"inode {ino}: nlink {nlink}, {entries} entries",
+                        _set_nlink(index, ino, 1) if entries == 1 else None,
+                    )
+                )
+            if stat.S_ISREG(mode):
+                object_size = index.object_size(digest) if digest is not None else None
+                if digest is None:
+                    add(
+                        Problem(
+                            "dangling",
+                            f"file {ino} has no object",
+                            _remove_inode(index, content, ino),
+                        )
+                    )
+                elif object_size is not None and object_size != size:
+                    add(
+                        Problem(
+                            "size",
+                            f"file {ino}: size {size}, object size {object_size}",
+                            _set_size(index, ino, object_size),
+                        )
+                    )
+
+    for entry_id, parent, child in db.execute(
+        "SELECT e.id, e.parent, e.inode FROM entries e "
+        "LEFT JOIN inodes p ON p.id = e.parent LEFT JOIN inodes c ON c.id = e.inode "
+        f"WHERE p.id IS NULL OR c.id IS NULL OR (p.mode & {_S_IFMT}) != {stat.S_IFDIR}"
+    ).fetchall():
+        add(
+            Problem(
+                "tree",
+                f"entry {entry_id} (parent {parent}, inode {child}) is dangling",
+                _drop_entry(index, entry_id),
+            )
+        )
+
+
+# -- repairs: each returns a closure so that `check` only describes ------------
+
+
+def _fix_refcount(index: Index, digest: bytes, actual: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            if actual == 0 and digest != EMPTY_DIGEST:
+                index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+            else:
+                index.db.execute("UPDATE objects SET refcount=? WHERE hash=?", (actual, digest))
+
+    return repair
+
+
+def _drop_object(index: Index, content: ContentStore, digest: bytes) -> Callable[[], None]:
+    """A lost or corrupt object: remove every file that refers to it, then the object."""
+
+    def repair() -> None:
+        with index.transaction():
+            inodes = [
+                r[0] for r in index.db.execute("SELECT id FROM inodes WHERE object=?", (digest,))
+            ]
+            for ino in inodes:
+                index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
+                index.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+            index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+        content.delete(digest)
+        if digest == EMPTY_DIGEST:
+            content.ensure_empty_object()
+
+    return repair
+
+
+def _remove_inode(index: Index, content: ContentStore, ino: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
+            index.db.execute("UPDATE inodes SET nlink=0 WHERE id=?", (ino,))
+        unused = index.free_inode(ino)
+        if unused is not None:
+            content.delete(unused)
+
+    return repair
+
+
+def _free(index: Index, content: ContentStore, ino: int) -> Callable[[], None]:
+    def repair() -> None:
+        unused = index.free_inode(ino)
+        if unused is not None:
+            content.delete(unused)
+
+    return repair
+
+
+def _set_nlink(index: Index, ino: int, nlink: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("UPDATE inodes SET nlink=? WHERE id=?", (nlink, ino))
+
+    return repair
+
+
+def _set_size(index: Index, ino: int, size: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("UPDATE inodes SET size=? WHERE id=?", (size, ino))
+
+    return repair
+
+
+def _drop_entry(index: Index, entry_id: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+
+    return repair
+
+
+def _unlink(path: Path) -> Callable[[], None]:
+    def repair() -> None:
+        path.unlink(missing_ok=True)
+
+    return repair
+
+
+def repair(report: Report) -> int:
+    """Apply every repair the check found; return how many were applied."""
+    applied = 0
+    for problem in report.problems:
+        if problem.repair is not None:
+            problem.repair()
+            applied += 1
+    report.repaired = applied
+    return applied

@@ -1,0 +1,258 @@
+"""Open files: staging, copy-on-write, and sealing content into the store.
+
+A sealed file is an immutable object; readers read it directly.  The first
+change to a file (a write, a truncate, O_TRUNC) copies its content into a
+staging file, and every handle of that inode then reads and writes the
+staging copy, so a process sees its own writes before close, as the linker
+needs.  When the last writer closes the file (flush of its only writable
+handle, or release), the staging file is hashed and *sealed*: renamed into
+the object store unless identical content is already there (dedup), and the
+inode is pointed at the object in one index transaction.
+
+Sealing at flush, not only at release, matters: close(2) waits for flush but
+not for release, and a writer whose close() returned must find its bytes in
+the store even if the daemon is killed a moment later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from mithrilfs.index import Index
+from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
+
+
+@dataclass(eq=False)
+class OpenInode:
+    """What every open handle of one inode shares."""
+
+    ino: int
+    digest: bytes | None
+    size: int
+    mtime_ns: int
+    handles: int = 0
+    writers: int = 0
+    object_fd: int | None = None
+    staging_path: Path | None = None
+    staging_fd: int | None = None
+    dirty: bool = False
+    # Bumped on every change to the staging file; a seal whose hash was taken
+    # before a change must not publish it.
+    generation: int = 0
+    seal_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def staged(self) -> bool:
+        return self.staging_fd is not None
+
+
+@dataclass(eq=False)
+class Handle:
+    inode: OpenInode
+    writable: bool
+
+
+class OpenFiles:
+    def __init__(self, index: Index, store: ContentStore) -> None:
+        self.index = index
+        self.store = store
+        self._inodes: dict[int, OpenInode] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+        self.seals = 0
+        self.dedup_hits = 0
+        self.bytes_sealed = 0
+
+    # -- queries ------------------------------------------------------------
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self._inodes
+
+    def current_size(self, ino: int) -> int | None:
+        """The size of a file with unsealed changes, or None when the index is current."""
+        state = self._inodes.get(ino)
+        if state is None or not state.staged:
+            return None
+        return state.size
+
+    def inode_of(self, fh: int) -> int:
+        return self._handles[fh].inode.ino
+
+    def set_mtime(self, ino: int, mtime_ns: int) -> None:
+        """Keep an explicit utimens from being overwritten when the file is sealed."""
+        state = self._inodes.get(ino)
+        if state is not None:
+            state.mtime_ns = mtime_ns
+
+    def open_count(self) -> int:
+        return len(self._handles)
+
+    # -- open and close -----------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> int:
+        node = self.index.get(ino)
+        state = self._inodes.get(ino)
+        if state is None:
+            state = OpenInode(ino, node.object, node.size, node.mtime_ns)
+            self._inodes[ino] = state
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        state.handles += 1
+        if writable:
+            state.writers += 1
+        fh = next(self._next_fh)
+        self._handles[fh] = Handle(state, writable)
+        if writable and flags & os.O_TRUNC:
+            self._truncate_staged(state, 0)
+        return fh
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles[fh]
+        # Only the last writable handle seals at close; with other writers
+        # still active, sealing now would only force a copy on their next write.
+        if handle.writable and handle.inode.writers == 1:
+            await self.seal(handle.inode)
+
+    async def fsync(self, fh: int) -> None:
+        handle = self._handles[fh]
+        if handle.inode.staged:
+            os.fsync(handle.inode.staging_fd)  # type: ignore[arg-type]
+        await self.seal(handle.inode)
+
+    async def release(self, fh: int) -> int | None:
+        """Close a handle; returns the inode when no handle of it remains open."""
+        handle = self._handles.pop(fh)
+        state = handle.inode
+        if handle.writable:
+            state.writers -= 1
+            if state.writers == 0:
+                await self.seal(state)
+        state.handles -= 1
+        if state.handles > 0:
+            return None
+        self._close_fds(state)
+        del self._inodes[state.ino]
+        return state.ino
+
+    def close_all(self) -> None:
+        for state in self._inodes.values():
+            self._close_fds(state)
+        self._inodes.clear()
+        self._handles.clear()
+
+    def _close_fds(self, state: OpenInode) -> None:
+        if state.object_fd is not None:
+            os.close(state.object_fd)
+            state.object_fd = None
+        if state.staging_fd is not None:
+            os.close(state.staging_fd)
+            state.staging_fd = None
+        if state.staging_path is not None:
+            state.staging_path.unlink(missing_ok=True)
+            state.staging_path = None
+
+    # -- data ---------------------------------------------------------------
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        state = self._handles[fh].inode
+        if state.staging_fd is not None:
+            return os.pread(state.staging_fd, size, offset)
+        if state.object_fd is None:
+            assert state.digest is not None
+            state.object_fd = self.store.open_object(state.digest)
+        return os.pread(state.object_fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        state = self._handles[fh].inode
+        self._stage(state)
+        assert state.staging_fd is not None
+        written = os.pwrite(state.staging_fd, data, offset)
+        state.size = max(state.size, offset + written)
+        self._changed(state)
+        return written
+
+    async def truncate(self, ino: int, size: int, fh: int | None) -> None:
+        """Set a file's size, by handle (ftruncate) or by path (truncate)."""
+        state = self._handles[fh].inode if fh is not None else self._inodes.get(ino)
+        if state is not None:
+            self._truncate_staged(state, size)
+            if state.writers == 0:
+                await self.seal(state)
+            return
+        # truncate(2) on a file nobody has open: stage, cut, seal at once.
+        fh = self.open(ino, os.O_WRONLY)
+        try:
+            self._truncate_staged(self._handles[fh].inode, size)
+        finally:
+            await self.release(fh)
+
+    def _truncate_staged(self, state: OpenInode, size: int) -> None:
+        self._stage(state, keep=min(size, state.size))
+        assert state.staging_fd is not None
+        os.ftruncate(state.staging_fd, size)
+        state.size = size
+        self._changed(state)
+
+    def _stage(self, state: OpenInode, keep: int | None = None) -> None:
+        """Give *state* a private staging copy holding its first *keep* bytes."""
+        if state.staged:
+            return
+        path, fd = self.store.new_staging(state.ino)
+        try:
+            length = state.size if keep is None else keep
+            if length and state.digest is not None:
+                self.store.copy_object_into(state.digest, fd, length)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        state.staging_path, state.staging_fd = path, fd
+        state.size = length
+
+    def _changed(self, state: OpenInode) -> None:
+        state.generation += 1
+        state.dirty = True
+        state.mtime_ns = time.time_ns()
+
+    # -- sealing ------------------------------------------------------------
+
+    async def seal(self, state: OpenInode) -> None:
+        """Turn the staging copy into an object and point the inode at it."""
+        async with state.seal_lock:
+            while state.dirty and state.staging_fd is not None:
+                if self.index.get(state.ino).nlink == 0:
+                    return  # unlinked: nobody can see this content again
+                generation = state.generation
+                fd = state.staging_fd
+                if state.size <= INLINE_HASH_LIMIT:
+                    digest, size = hash_fd(fd)
+                else:
+                    digest, size = await trio.to_thread.run_sync(hash_fd, fd)
+                if generation != state.generation or state.staging_fd != fd:
+                    continue  # written to while hashing: hash again
+                self._publish(state, digest, size)
+
+    def _publish(self, state: OpenInode, digest: bytes, size: int) -> None:
+        assert state.staging_path is not None
+        assert state.staging_fd is not None
+        new_object = self.store.publish(state.staging_path, digest)
+        # The staging fd now refers to the object file (or to a dropped
+        # duplicate): it must never be written again.
+        os.close(state.staging_fd)
+        state.staging_fd, state.staging_path = None, None
+        unused = self.index.set_content(state.ino, digest, size, state.mtime_ns)
+        if unused is not None:
+            self.store.delete(unused)
+        if state.object_fd is not None:
+            os.close(state.object_fd)
+            state.object_fd = None
+        state.digest, state.size, state.dirty = digest, size, False
+        self.seals += 1
+        self.bytes_sealed += size
+        if not new_object:
+            self.dedup_hits += 1

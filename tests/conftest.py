@@ -1,0 +1,194 @@
+"""Shared fixtures: real mounts started through the CLI, torn down even on failure.
+
+A mount is started with ``mithrilfs mount --foreground`` in a child process;
+the fixture polls ``os.path.ismount`` with a deadline while checking that the
+daemon is alive, never sleeps blindly.  Teardown unmounts, waits for the
+daemon to exit, falls back to a lazy unmount and SIGKILL by pid, and then
+runs the store's consistency check, which must find nothing.  A daemon log
+with an unexpected traceback fails the test.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mithrilfs import fsck
+from mithrilfs.repository import Repository
+
+MOUNT_DEADLINE = 30.0
+UNMOUNT_DEADLINE = 30.0
+
+faulthandler.enable()
+
+
+def wait_for(predicate, timeout: float, what: str, alive=None) -> None:  # type: ignore[no-untyped-def]
+    """Poll *predicate* until it holds; fail with *what* at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not predicate():
+        if alive is not None and not alive():
+            raise AssertionError(f"daemon exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            faulthandler.dump_traceback()
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class Mount:
+    """One mithrilfs daemon serving *store* at *mountpoint*."""
+
+    def __init__(self, mountpoint: Path, store: Path, log: Path) -> None:
+        self.mountpoint = mountpoint
+        self.store = store
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
+        self.allow_log_errors = False
+
+    def __truediv__(self, other: str) -> Path:
+        return self.mountpoint / other
+
+    def start(self, *extra_args: str) -> Mount:
+        assert self.proc is None, "already mounted"
+        if extra_args:
+            self.extra_args = list(extra_args)
+        command = [
+            sys.executable,
+            "-m",
+            "mithrilfs",
+            "mount",
+            str(self.mountpoint),
+            "--store",
+            str(self.store),
+            "--foreground",
+            "--log-file",
+            str(self.log),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        proc = self.proc
+        wait_for(
+            lambda: os.path.ismount(self.mountpoint),
+            MOUNT_DEADLINE,
+            f"mount at {self.mountpoint}",
+            alive=lambda: proc.poll() is None,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Unmount and wait for a clean exit; force it if that does not happen."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        subprocess.run(
+            ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, check=False
+        )
+        try:
+            code = proc.wait(timeout=UNMOUNT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            faulthandler.dump_traceback()
+            subprocess.run(
+                ["fusermount3", "-uz", str(self.mountpoint)], capture_output=True, check=False
+            )
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            raise AssertionError("daemon did not exit after unmount") from None
+        assert code == 0, f"daemon exited with {code}; log:\n{self.log_text()}"
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and clear the mount it leaves behind (crash tests)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        subprocess.run(
+            ["fusermount3", "-uz", str(self.mountpoint)], capture_output=True, check=False
+        )
+
+    def remount(self, *extra_args: str) -> Mount:
+        self.stop()
+        return self.start(*extra_args)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_store(self) -> fsck.Report:
+        """Run the consistency check on the (unmounted) store."""
+        assert self.proc is None, "unmount before checking the store"
+        repo = Repository.open(self.store, create=False)
+        try:
+            return fsck.check(repo.index, repo.content)
+        finally:
+            repo.close()
+
+    def assert_consistent(self) -> None:
+        report = self.check_store()
+        assert report.clean, "fsck found:\n" + "\n".join(
+            f"{p.kind}: {p.detail}" for p in report.problems
+        )
+
+
+@pytest.fixture
+def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """Factory for mounts; every mount is unmounted, checked and cleaned up."""
+    mounts: list[Mount] = []
+
+    def factory(
+        *extra_args: str, name: str = "m", store: Path | None = None, start: bool = True
+    ) -> Mount:
+        mountpoint = tmp_path / f"{name}-mnt"
+        mountpoint.mkdir(exist_ok=True)
+        mount = Mount(mountpoint, store or tmp_path / f"{name}-store", tmp_path / f"{name}.log")
+        mounts.append(mount)
+        if start:
+            mount.start(*extra_args)
+        return mount
+
+    failures: list[str] = []
+    try:
+        yield factory
+    finally:
+        for mount in mounts:
+            try:
+                mount.stop()
+            except AssertionError as exc:
+                failures.append(str(exc))
+            finally:
+                if os.path.ismount(mount.mountpoint):
+                    subprocess.run(
+                        ["fusermount3", "-uz", str(mount.mountpoint)],
+                        capture_output=True,
+                        check=False,
+                    )
+    for mount in mounts:
+        if mount.store.exists() and (mount.store / "mithril.db").exists():
+            report = mount.check_store()
+            if not report.clean:
+                failures.append(
+                    "fsck found:\n" + "\n".join(f"{p.kind}: {p.detail}" for p in report.problems)
+                )
+        log = mount.log_text()
+        if "Traceback" in log and not mount.allow_log_errors:
+            failures.append(f"daemon logged a traceback:\n{log}")
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+    """One running mount of a fresh store."""
+    return make_mount()  # type: ignore[no-any-return]
