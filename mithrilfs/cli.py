@@ -27,7 +27,10 @@ from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
 from mithrilfs.repository import LOCK_NAME, Repository, default_store_dir, holder_pid
 
 DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
-SUBCOMMANDS = ("mount", "umount", "unmount", "fsck", "env", "classes", "version")
+SUBCOMMANDS: tuple[str, ...] = ("mount", "umount", "unmount", "fsck", "env", "classes", "version")
+# Operations commands (doctor.py, transfer.py); listed so that main() never
+# mistakes 'mithrilfs import SRC' for the mount-helper form.
+SUBCOMMANDS += ("doctor", "import", "export")
 
 # Options that mount(8) and fstab pass along and that mean nothing here.
 _IGNORED_MOUNT_OPTIONS = frozenset(
@@ -203,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     classes.add_argument("--json", action="store_true", help="print JSON")
     classes.set_defaults(command=_cmd_classes)
 
+    _add_operations_parsers(sub)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(command=lambda _options: print(f"mithrilfs {__version__}") or 0)
     return parser
@@ -371,4 +376,104 @@ def _cmd_classes(options: argparse.Namespace) -> int:
         print(f"{'CLASS':<24} {'FILES':>10} {'BYTES':>14}")
         for u in usage:
             print(f"{u.name:<24} {u.files:>10} {u.bytes:>14}")
+    return 0
+
+
+# -- operations: doctor, import, export ---------------------------------------------
+
+
+def _add_operations_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check that this node can serve the compiler caches",
+        description="Check FUSE, the store's filesystem, the mount, the job environment "
+        "and the compilers. One line per check: ok, warn or FAIL, with a fix. "
+        "Exits 1 when a check fails.",
+    )
+    doctor.add_argument(
+        "--mountpoint",
+        type=Path,
+        default=None,
+        help=f"the mount to check (default $MITHRILFS_MOUNT or {DEFAULT_MOUNTPOINT})",
+    )
+    _store_argument(doctor)
+    doctor.add_argument(
+        "--allow-other", action="store_true", help="also check that allow_other is permitted"
+    )
+    doctor.add_argument("--json", action="store_true", help="print a JSON report")
+    doctor.set_defaults(command=_cmd_doctor)
+
+    source = sub.add_parser(
+        "import",
+        help="bring a cache directory or an export into a store (offline)",
+        description="Import SRC into the store: a cache directory (with --layout) goes to "
+        "<class>/<layout>/, a .tar.zst export to its class. Content is deduplicated; "
+        "files already present with the same content are left alone, different content "
+        "is replaced. The store must not be mounted.",
+    )
+    source.add_argument("source", type=Path, metavar="SRC", help="directory or .tar.zst export")
+    source.add_argument("--layout", help="triton or inductor (directory imports)")
+    _store_argument(source)
+    source.add_argument(
+        "--device-class",
+        default=None,
+        help="class to import into (default: auto for directories, the archive's own class "
+        "for exports)",
+    )
+    source.set_defaults(command=_cmd_import)
+
+    export = sub.add_parser(
+        "export",
+        help="write a device class's tree to a .tar.zst (offline)",
+        description="Stream a class's tree into a zstd-compressed PAX tar that "
+        "'mithrilfs import' brings into another store. The store must not be mounted.",
+    )
+    export.add_argument(
+        "--device-class", default="auto", help="class to export (default: this node's)"
+    )
+    export.add_argument(
+        "-o", "--output", type=Path, required=True, help="FILE.tar.zst, or - for stdout"
+    )
+    _store_argument(export)
+    export.set_defaults(command=_cmd_export)
+
+
+def _cmd_doctor(options: argparse.Namespace) -> int:
+    from mithrilfs import doctor
+
+    mountpoint = options.mountpoint or Path(os.environ.get("MITHRILFS_MOUNT") or DEFAULT_MOUNTPOINT)
+    checks = doctor.run_checks(
+        doctor.Host(), doctor.Options(mountpoint, options.store, options.allow_other)
+    )
+    if options.json:
+        print(doctor.render_json(checks))
+    else:
+        sys.stdout.write(doctor.render_text(checks))
+    return doctor.exit_code(checks)
+
+
+def _cmd_import(options: argparse.Namespace) -> int:
+    from mithrilfs import transfer
+
+    source: Path = options.source
+    if not source.exists():
+        raise UserError(f"{source} does not exist", 2)
+    if source.is_file() and transfer.is_archive(source):
+        if options.layout:
+            raise UserError("--layout applies to directory imports, not to exports", 2)
+        report = transfer.import_archive(_store(options), source, options.device_class)
+    else:
+        report = transfer.import_directory(
+            _store(options), source, options.layout, options.device_class
+        )
+    print(report.summary())
+    return 0
+
+
+def _cmd_export(options: argparse.Namespace) -> int:
+    from mithrilfs import transfer
+
+    report = transfer.export_class(_store(options), options.device_class, options.output)
+    # stdout may be the archive itself.
+    print(report.summary(), file=sys.stderr if str(options.output) == "-" else sys.stdout)
     return 0

@@ -180,40 +180,55 @@ def _daemonize(config: MountConfig) -> int:
             return 0
         if not message:
             os.waitpid(pid, 0)
-            message = "the mithrilfs daemon exited before the mount was ready; see its log"
-        raise UserError(message.strip(), 1)
+            message = "1 the mithrilfs daemon exited before the mount was ready; see its log"
+        # "<exit code> <message>": the caller sees the same exit code as in the
+        # foreground (3 for a store that needs repair).
+        code, _, text = message.partition(" ")
+        raise UserError(text.strip(), int(code) if code.isdigit() else 1)
 
     # The daemon: its own session, no terminal, stdio on /dev/null.
     os.close(read_end)
     os.setsid()
     exit_code = 1
+    # Once "ready" is sent the pipe is closed and its fd number may be reused
+    # (an object or log file): a later failure must not be written to it.
+    status_open = True
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.chdir("/")
-        config.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # Without syslog the daemon logs into the store, so it must exist first.
+            config.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create store {config.store}: {exc.strerror}", 2) from None
         _setup_logging(config, daemon=True)
 
         def report_ready() -> None:
+            nonlocal status_open
             os.write(write_end, b"ready")
             os.close(write_end)
+            status_open = False
 
         serve(config, ready=report_ready)
         exit_code = 0
     except UserError as exc:
         log.error("%s", exc)
-        _report(write_end, str(exc))
+        exit_code = exc.exit_code
+        if status_open:
+            _report(write_end, exc.exit_code, str(exc))
     except BaseException:
         log.exception("mithrilfs daemon failed")
-        _report(write_end, "the mithrilfs daemon failed; see its log")
+        if status_open:
+            _report(write_end, 1, "the mithrilfs daemon failed; see its log")
     finally:
         os._exit(exit_code)
 
 
-def _report(fd: int, message: str) -> None:
+def _report(fd: int, exit_code: int, message: str) -> None:
     try:
-        os.write(fd, message.encode())
+        os.write(fd, f"{exit_code} {message}".encode())
         os.close(fd)
     except OSError:
-        pass  # already reported ready; the failure is in the log
+        pass  # the parent is gone; the failure is in the log

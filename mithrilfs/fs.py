@@ -26,7 +26,14 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from mithrilfs.errors import FsError
-from mithrilfs.index import RENAME_EXCHANGE, RENAME_NOREPLACE, SUPER_ROOT, Index, Inode
+from mithrilfs.index import (
+    NAME_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    SUPER_ROOT,
+    Index,
+    Inode,
+)
 from mithrilfs.openfiles import OpenFiles
 from mithrilfs.store import ContentStore
 
@@ -56,7 +63,7 @@ def guarded(
 ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """Map every failure of *handler* to a FUSEError; never let one escape."""
 
-    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await handler(self, *args, **kwargs)
         except FUSEError:
@@ -113,9 +120,9 @@ class Operations(pyfuse3.Operations):
         attrs.st_rdev = 0
         size = node.size
         mtime = node.mtime_ns
-        staged_size = self.files.current_size(node.id) if node.is_file else None
-        if staged_size is not None:
-            size = staged_size
+        unsealed = self.files.unsealed(node.id) if node.is_file else None
+        if unsealed is not None:
+            size, mtime = unsealed
         attrs.st_size = size
         attrs.st_blksize = BLOCK_SIZE
         attrs.st_blocks = (size + 511) // 512
@@ -161,6 +168,9 @@ class Operations(pyfuse3.Operations):
         if name == b"..":
             up = self.index.parent_of(parent) if parent != self.root else None
             return self._remember(self.index.get(up if up not in (None, SUPER_ROOT) else self.root))
+        if len(name) > NAME_MAX:
+            # The kernel passes names up to 1024 bytes; POSIX wants ENAMETOOLONG, not ENOENT.
+            raise FsError(errno.ENAMETOOLONG)
         node = self.index.lookup(parent, name)
         if node is None:
             negative = pyfuse3.EntryAttributes()
@@ -393,6 +403,10 @@ class Operations(pyfuse3.Operations):
         if not self.index.get(ino).is_file:
             raise FsError(errno.EISDIR)
         fh = self.files.open(ino, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
+            # Linux truncates even on a read-only open, and the kernel has
+            # already set its cached size to 0; no writer will seal this one.
+            await self.files.truncate(ino, 0, fh)
         # Content is immutable once sealed and every change passes through
         # the kernel's own page cache, so cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)

@@ -437,6 +437,19 @@ class Index:
             )
             return self._decref(old[0]) if old[0] is not None else None
 
+    def ensure_empty_object(self) -> None:
+        """Give the empty object its row, so that its file is never an orphan.
+
+        The row stays (refcount 0 or more) for the life of the store: every
+        new file starts out referring to it.
+        """
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO objects(hash, size, refcount) VALUES (?, 0, 0) "
+                "ON CONFLICT(hash) DO NOTHING",
+                (EMPTY_DIGEST,),
+            )
+
     def free_inode(self, ino: int) -> bytes | None:
         """Delete an unlinked inode; return its object digest if that is now unused."""
         with self.transaction():

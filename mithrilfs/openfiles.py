@@ -74,12 +74,16 @@ class OpenFiles:
     def is_open(self, ino: int) -> bool:
         return ino in self._inodes
 
-    def current_size(self, ino: int) -> int | None:
-        """The size of a file with unsealed changes, or None when the index is current."""
+    def unsealed(self, ino: int) -> tuple[int, int] | None:
+        """(size, mtime_ns) of a file with unsealed changes, or None when the index is current.
+
+        The kernel caches what a stat during a write returns, so it must be
+        what sealing will record, mtime included.
+        """
         state = self._inodes.get(ino)
         if state is None or not state.staged:
             return None
-        return state.size
+        return state.size, state.mtime_ns
 
     def inode_of(self, fh: int) -> int:
         return self._handles[fh].inode.ino

@@ -106,7 +106,9 @@ class Repository:
             recovery.inodes_freed += 1
         if recovery.unclean:
             recovery.orphans_removed = self.remove_orphan_objects()
+        # File first, then the row that points at it.
         self.content.ensure_empty_object()
+        self.index.ensure_empty_object()
         if recovery.unclean or recovery.staging_removed or recovery.inodes_freed:
             log.warning(
                 "recovered store %s after an unclean shutdown: %d unfinished writes dropped, "

@@ -1,0 +1,206 @@
+"""Counters and gauges: kept by the daemon, shown by `mithrilfs stats` and /metrics.
+
+The daemon counts on the request path in a plain dict (no I/O), and every
+few seconds saves the counters and gauges to the index in one transaction
+and publishes an immutable snapshot.  `mithrilfs stats` reads the saved
+values through a read-only SQLite connection, which never blocks the daemon;
+the Prometheus endpoint, served from its own thread, reads only the snapshot.
+Counters survive a remount because they are loaded back from the index.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# name -> (help text, label names).  Names follow Prometheus conventions;
+# the exported metric is "mithrilfs_" + name.
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lookups_total": ("Name lookups, by whether the name existed", ("result", "layout")),
+    "opens_total": ("Files opened", ("layout",)),
+    "read_bytes_total": ("Bytes read through the mount", ()),
+    "files_sealed_total": ("Files whose content was sealed into the store", ()),
+    "dedup_hits_total": ("Sealed files whose content was already stored", ()),
+    "evictions_total": ("Cache entries evicted", ("reason",)),
+    "evicted_bytes_total": ("Stored bytes freed by eviction", ()),
+    "integrity_failures_total": ("Objects whose bytes did not match their hash", ()),
+    "remote_hits_total": ("Local misses served from the shared tier", ()),
+    "remote_misses_total": ("Local misses the shared tier did not have either", ()),
+    "remote_errors_total": ("Shared-tier operations that failed or timed out", ()),
+    "remote_fetched_bytes_total": ("Bytes fetched from the shared tier", ()),
+    "remote_published_total": ("Objects published to the shared tier", ()),
+}
+
+GAUGES: dict[str, str] = {
+    "logical_bytes": "Sum of the sizes of all files in the store",
+    "store_bytes": "Bytes of stored objects after dedup, plus staging",
+    "objects": "Distinct content objects stored",
+    "entries": "Cache entries (units of eviction)",
+    "cap_bytes": "The store's size cap",
+    "remote_publish_backlog": "Objects waiting to be published to the shared tier",
+}
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Stats:
+    device_class: str
+    counters: dict[tuple[str, LabelKey], int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)
+
+    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.counters[key] = self.counters.get(key, 0) + amount
+
+    def set_gauge(self, name: str, value: int) -> None:
+        self.gauges[name] = value
+
+    def rows(self) -> Iterator[tuple[str, str, int]]:
+        """(name, labels as JSON, value) rows for saving, device class included."""
+        for (name, labels), value in self.counters.items():
+            all_labels = dict(labels, device_class=self.device_class)
+            yield name, json.dumps(all_labels, sort_keys=True), value
+
+    def load_rows(self, rows: Iterator[tuple[str, str, int]]) -> None:
+        for name, labels_json, value in rows:
+            labels = json.loads(labels_json)
+            if labels.pop("device_class", None) != self.device_class:
+                continue
+            self.counters[(name, tuple(sorted(labels.items())))] = value
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            counters=[(name, dict(labels, device_class=self.device_class), value)
+                      for (name, labels), value in self.counters.items()],
+            gauges=dict(self.gauges),
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    counters: list[tuple[str, dict[str, str], int]]
+    gauges: dict[str, int]
+
+
+def read_saved(index_path: Path) -> Snapshot:
+    """The counters and gauges a daemon last saved, read without disturbing it."""
+    db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
+    try:
+        counters = [
+            (name, json.loads(labels), value)
+            for name, labels, value in db.execute("SELECT name, labels, value FROM counters")
+        ]
+        gauges = {
+            key.removeprefix("gauge."): int(value)
+            for key, value in db.execute("SELECT key, value FROM meta WHERE key LIKE 'gauge.%'")
+        }
+    finally:
+        db.close()
+    return Snapshot(counters, gauges)
+
+
+def summarize(snapshot: Snapshot) -> dict[str, Any]:
+    """The stable JSON form of `mithrilfs stats --json`."""
+
+    def total(name: str, **match: str) -> int:
+        return sum(
+            value for counter, labels, value in snapshot.counters
+            if counter == name and all(labels.get(k) == v for k, v in match.items())
+        )
+
+    layouts: dict[str, dict[str, int]] = {}
+    for name, labels, value in snapshot.counters:
+        if name == "lookups_total":
+            layout = layouts.setdefault(labels.get("layout", "other"), {"hit": 0, "miss": 0})
+            layout[labels.get("result", "miss")] += value
+    hits, misses = total("lookups_total", result="hit"), total("lookups_total", result="miss")
+    gauges = snapshot.gauges
+    logical, stored = gauges.get("logical_bytes", 0), gauges.get("store_bytes", 0)
+    classes = sorted({labels.get("device_class", "") for _n, labels, _v in snapshot.counters})
+    return {
+        "device_classes": classes,
+        "lookups": {
+            "hit": hits,
+            "miss": misses,
+            "hit_rate": _ratio(hits, hits + misses),
+            "by_layout": {
+                name: dict(counts, hit_rate=_ratio(counts["hit"], counts["hit"] + counts["miss"]))
+                for name, counts in sorted(layouts.items())
+            },
+        },
+        "opens": total("opens_total"),
+        "read_bytes": total("read_bytes_total"),
+        "files_sealed": total("files_sealed_total"),
+        "dedup_hits": total("dedup_hits_total"),
+        "evictions": total("evictions_total"),
+        "evicted_bytes": total("evicted_bytes_total"),
+        "integrity_failures": total("integrity_failures_total"),
+        "remote": {
+            "hits": total("remote_hits_total"),
+            "misses": total("remote_misses_total"),
+            "errors": total("remote_errors_total"),
+            "fetched_bytes": total("remote_fetched_bytes_total"),
+            "published": total("remote_published_total"),
+            "publish_backlog": gauges.get("remote_publish_backlog", 0),
+        },
+        "logical_bytes": logical,
+        "store_bytes": stored,
+        "dedup_ratio": _ratio(logical, stored),
+        "objects": gauges.get("objects", 0),
+        "entries": gauges.get("entries", 0),
+        "cap_bytes": gauges.get("cap_bytes", 0),
+        "used_fraction": _ratio(stored, gauges.get("cap_bytes", 0)),
+    }
+
+
+def render_text(summary: Mapping[str, Any]) -> str:
+    lookups = summary["lookups"]
+    lines = [
+        f"hit rate      {_percent(lookups['hit_rate'])}  "
+        f"({lookups['hit']} hits, {lookups['miss']} misses)",
+    ]
+    for name, counts in lookups["by_layout"].items():
+        lines.append(f"  {name:<11} {_percent(counts['hit_rate'])}  "
+                     f"({counts['hit']} hits, {counts['miss']} misses)")
+    lines += [
+        f"used          {human_bytes(summary['store_bytes'])} of "
+        f"{human_bytes(summary['cap_bytes'])} cap ({_percent(summary['used_fraction'])})",
+        f"dedup ratio   {summary['dedup_ratio']:.2f}x  "
+        f"({human_bytes(summary['logical_bytes'])} of files in "
+        f"{human_bytes(summary['store_bytes'])} stored, {summary['objects']} objects)",
+        f"entries       {summary['entries']}",
+        f"sealed        {summary['files_sealed']} files ({summary['dedup_hits']} deduplicated)",
+        f"evictions     {summary['evictions']} entries, "
+        f"{human_bytes(summary['evicted_bytes'])} freed",
+        f"integrity     {summary['integrity_failures']} corrupt objects caught",
+    ]
+    remote = summary["remote"]
+    if any(remote.values()):
+        lines.append(
+            f"shared tier   {remote['hits']} hits, {remote['misses']} misses, "
+            f"{remote['errors']} errors, {human_bytes(remote['fetched_bytes'])} fetched, "
+            f"backlog {remote['publish_backlog']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:5.1f}%"
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
