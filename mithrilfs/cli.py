@@ -16,21 +16,22 @@ import errno
 import fcntl
 import json
 import os
+import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from mithrilfs import __version__, device, fsck, hooks
 from mithrilfs.errors import UserError
+from mithrilfs.eviction import parse_duration, parse_size
+from mithrilfs.metrics import parse_listen
 from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
 from mithrilfs.repository import LOCK_NAME, Repository, default_store_dir, holder_pid
 
+T = TypeVar("T")
 DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
-SUBCOMMANDS: tuple[str, ...] = ("mount", "umount", "unmount", "fsck", "env", "classes", "version")
-# Operations commands (doctor.py, transfer.py); listed so that main() never
-# mistakes 'mithrilfs import SRC' for the mount-helper form.
-SUBCOMMANDS += ("doctor", "import", "export")
 
 # Options that mount(8) and fstab pass along and that mean nothing here.
 _IGNORED_MOUNT_OPTIONS = frozenset(
@@ -60,9 +61,9 @@ _IGNORED_MOUNT_OPTIONS = frozenset(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) >= 2 and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
-        args = _helper_form(args)
     parser = _parser()
+    if len(args) >= 2 and args[0] not in _subcommands(parser) and not args[0].startswith("-"):
+        args = _helper_form(args)
     options = parser.parse_args(args)
     if not hasattr(options, "command"):
         parser.print_help()
@@ -74,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mithrilfs stats | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug: still one line, with the traceback on request
         if os.environ.get("MITHRILFS_DEBUG"):
             raise
@@ -83,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
 
 
 def _helper_form(args: list[str]) -> list[str]:
@@ -131,6 +143,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--read-only", action="store_true", help="serve hits but refuse every write with EROFS"
+    )
+    mount.add_argument(
+        "--cap",
+        metavar="SIZE",
+        help="the store's size cap, e.g. 500M, 50G, 1T (default: 10%% of the store's "
+        "filesystem, between 1G and 100G); least recently read entries are evicted "
+        "to stay under it",
+    )
+    mount.add_argument(
+        "--max-age", metavar="DURATION",
+        help="also drop entries not read for this long, e.g. 7d, 12h",
+    )
+    mount.add_argument(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     mount.add_argument(
         "-o",
@@ -208,6 +235,18 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_operations_parsers(sub)
 
+    stats = sub.add_parser(
+        "stats", help="hit rate, dedup, usage against the cap, evictions",
+        description="Show a store's counters and gauges: from a mount (MOUNTPOINT) or a "
+        "store directory (--store). Values are saved by the daemon every second; reading "
+        "them never disturbs it.",
+    )
+    stats.add_argument("mountpoint", type=Path, nargs="?", default=None,
+                       help="a mithrilfs mount (default: the store given by --store)")
+    _store_argument(stats)
+    stats.add_argument("--json", action="store_true", help="print the stable JSON form")
+    stats.set_defaults(command=_cmd_stats)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(command=lambda _options: print(f"mithrilfs {__version__}") or 0)
     return parser
@@ -245,13 +284,22 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         read_only=options.read_only or "ro" in settings,
         log_level=str(settings.get("log_level", options.log_level)).upper(),
         log_file=options.log_file,
+        cap=_optional(settings.get("cap", options.cap), parse_size),
+        max_age=_optional(settings.get("max_age", options.max_age), parse_duration),
+        metrics_listen=settings.get("metrics_listen", options.metrics_listen),
     )
+    if config.metrics_listen:
+        parse_listen(config.metrics_listen)  # refuse a bad address before mounting
     return run_mount(config)
+
+
+def _optional(text: str | None, parse: Callable[[str], T]) -> T | None:
+    return None if text is None else parse(text)
 
 
 def _parse_mount_options(text: str) -> dict[str, str]:
     known_flags = {"allow_other", "ro", "foreground"}
-    known_values = {"device_class", "store", "log_level"}
+    known_values = {"device_class", "store", "log_level", "cap", "max_age", "metrics_listen"}
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, has_value, value = item.partition("=")
@@ -354,6 +402,33 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
             f"{report.inodes_checked} inodes checked)"
         )
     return 0 if report.clean else 1
+
+
+def _cmd_stats(options: argparse.Namespace) -> int:
+    from mithrilfs import stats
+    from mithrilfs.repository import INDEX_NAME
+
+    if options.mountpoint is not None:
+        mountpoint = options.mountpoint.absolute()
+        entry = find_mount(mountpoint)
+        if entry is None or entry.fstype != FSTYPE:
+            raise UserError(f"{mountpoint} is not a mithrilfs mount", 1)
+        store = Path(entry.source)
+    else:
+        store = _store(options)
+    index_path = store / INDEX_NAME
+    if not index_path.exists():
+        raise UserError(f"{store} is not a mithrilfs store (no {INDEX_NAME})", 2)
+    try:
+        summary = stats.summarize(stats.read_saved(index_path))
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"cannot read {index_path}: {exc}", 3) from None
+    summary = {"store": str(store), **summary}
+    if options.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(f"store         {store}\n" + stats.render_text(summary))
+    return 0
 
 
 def _cmd_env(options: argparse.Namespace) -> int:

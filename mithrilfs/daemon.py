@@ -21,13 +21,19 @@ import pyfuse3
 import trio
 
 from mithrilfs.errors import UserError
+from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.layouts import LAYOUT_ROOTS
+from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.repository import Repository
+from mithrilfs.stats import Stats
 
 log = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 1.0
+EXPIRY_SECONDS = 60.0
 
 
 @dataclass
@@ -40,6 +46,9 @@ class MountConfig:
     read_only: bool = False
     log_level: str = "INFO"
     log_file: Path | None = None
+    cap: int | None = None  # None: default_cap() of the store's filesystem
+    max_age: float | None = None
+    metrics_listen: str | None = None
     extra_fuse_options: set[str] = field(default_factory=set)
 
 
@@ -79,8 +88,9 @@ def fuse_options(config: MountConfig) -> set[str]:
     }
     if config.allow_other:
         options.add("allow_other")
-    if config.read_only:
-        options.add("ro")
+    # A read-only mount is enforced by the handlers, not by the kernel's "ro":
+    # that would also refuse opening existing lock files O_RDWR, which
+    # inductor does on every cache hit.
     return options | config.extra_fuse_options
 
 
@@ -100,7 +110,21 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     try:
         repo.recover()
         root = _prepare_tree(repo, config)
-        ops = Operations(repo.index, repo.content, root, read_only=config.read_only)
+        cap = config.cap if config.cap is not None else _default_cap(config.store)
+        stats = Stats(config.device_class)
+        stats.load_rows(iter(repo.index.load_counters()))
+        ops = Operations(
+            repo.index,
+            repo.content,
+            root,
+            stats=stats,
+            cap=cap,
+            max_age=config.max_age,
+            read_only=config.read_only,
+        )
+        collector = SnapshotCollector(config.device_class)
+        if config.metrics_listen:
+            serve_metrics(config.metrics_listen, collector)
         repo.mark_in_use()
         try:
             pyfuse3.init(ops, os.fspath(config.mountpoint), fuse_options(config))
@@ -114,23 +138,59 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         )
         unmounted = False
         try:
-            trio.run(_serve_until_stopped, ready)
+            trio.run(_serve_until_stopped, ops, collector, ready)
             unmounted = True
         finally:
             ops.forget_all()
             pyfuse3.close(unmount=not unmounted)
+            _save_stats(ops, collector)
         clean = True
     finally:
         repo.close(clean=clean)
         log.info("store %s closed %s", config.store, "cleanly" if clean else "after an error")
 
 
-async def _serve_until_stopped(ready: Callable[[], None]) -> None:
+async def _serve_until_stopped(
+    ops: Operations, collector: SnapshotCollector, ready: Callable[[], None]
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(ops.evictor.run)
+        nursery.start_soon(_housekeeping, ops, collector)
+        ops.evictor.wake()  # the cap may have been lowered since the last mount
         ready()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
+    """Batched work kept off the request path: recency, expiry, counters."""
+    last_expiry = 0.0
+    while True:
+        await trio.sleep(HOUSEKEEPING_SECONDS)
+        ops.evictor.recency.flush(ops.index)
+        if ops.evictor.max_age is not None and trio.current_time() - last_expiry > EXPIRY_SECONDS:
+            last_expiry = trio.current_time()
+            result = ops.evictor.expire()
+            if result.entries:
+                log.info("dropped %d entries not read within max_age", result.entries)
+        _save_stats(ops, collector)
+
+
+def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
+    index, stats = ops.index, ops.stats
+    stats.set_gauge("logical_bytes", index.logical_bytes)
+    stats.set_gauge("store_bytes", ops.evictor.usage())
+    stats.set_gauge("objects", index.object_count)
+    stats.set_gauge("entries", index.entry_count())
+    stats.set_gauge("cap_bytes", ops.evictor.cap)
+    index.save_counters(stats.rows(), stats.gauges)
+    collector.snapshot = stats.snapshot()
+
+
+def _default_cap(store: Path) -> int:
+    backing = os.statvfs(store)
+    return default_cap(backing.f_blocks * backing.f_frsize)
 
 
 async def _terminate_on_signal() -> None:

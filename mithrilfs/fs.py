@@ -26,15 +26,19 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from mithrilfs.errors import FsError
+from mithrilfs.eviction import Evictor
 from mithrilfs.index import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     SUPER_ROOT,
+    EvictedEntry,
     Index,
     Inode,
 )
+from mithrilfs.layouts import OTHER_LAYOUT, layout_of
 from mithrilfs.openfiles import OpenFiles
+from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ NEGATIVE_TIMEOUT = 3600.0
 # small reads per file.
 BLOCK_SIZE = 128 * 1024
 READDIR_BATCH = 256
+STATFS_BLOCK = 4096
 
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -87,16 +92,40 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, index: Index, store: ContentStore, root: int, *, read_only: bool = False):
+    def __init__(
+        self,
+        index: Index,
+        store: ContentStore,
+        root: int,
+        *,
+        stats: Stats,
+        cap: int,
+        max_age: float | None = None,
+        read_only: bool = False,
+    ):
         super().__init__()
         self.index = index
         self.store = store
         self.root = root
         self.read_only = read_only
-        self.files = OpenFiles(index, store)
+        self.stats = stats
+        self.files = OpenFiles(index, store, max_file_size=cap, on_sealed=self._sealed)
+        self.evictor = Evictor(
+            index,
+            store,
+            cap,
+            max_age=max_age,
+            staged_bytes=self.files.staged_bytes,
+            is_busy=self.files.is_being_written,
+            is_held=self._is_held,
+            on_removed=self._evicted,
+        )
         # How many times the kernel holds each inode (lookup count); an
         # unlinked inode is freed only when this drops to zero.
         self.lookups: dict[int, int] = {}
+        # The layout (triton, inductor, other) of each inode the kernel holds,
+        # for the per-layout counters.
+        self.layouts: dict[int, str] = {}
         self.dir_handles = 0
 
     # -- inode numbers and attributes ---------------------------------------
@@ -131,10 +160,36 @@ class Operations(pyfuse3.Operations):
         attrs.st_ctime_ns = node.ctime_ns
         return attrs
 
-    def _remember(self, node: Inode) -> pyfuse3.EntryAttributes:
+    def _remember(self, node: Inode, layout: str | None = None) -> pyfuse3.EntryAttributes:
         """Reply with an entry the kernel will now hold: count it."""
         self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
+        if layout is not None:
+            self.layouts[node.id] = layout
         return self._attrs(node)
+
+    def _layout_below(self, parent: int, name: bytes) -> str:
+        if parent == self.root:
+            return layout_of(name)
+        return self.layouts.get(parent, OTHER_LAYOUT)
+
+    def _is_held(self, ino: int) -> bool:
+        return ino in self.lookups or self.files.is_open(ino)
+
+    def _sealed(self, size: int, new_object: bool) -> None:
+        self.stats.inc("files_sealed_total")
+        if not new_object:
+            self.stats.inc("dedup_hits_total")
+        if self.evictor.over_cap():
+            self.evictor.wake()
+
+    def _evicted(self, removed: EvictedEntry) -> None:
+        """Tell the kernel about every name eviction removed (queued, never blocking)."""
+        self.stats.inc("evictions_total", reason="cap")
+        self.stats.inc("evicted_bytes_total", removed.bytes_freed)
+        for parent, name, ino in removed.names:
+            pyfuse3.invalidate_entry_async(
+                self._fuse_ino(parent), name, deleted=self._fuse_ino(ino), ignore_enoent=True
+            )
 
     def _writable(self) -> None:
         if self.read_only:
@@ -171,13 +226,16 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             # The kernel passes names up to 1024 bytes; POSIX wants ENAMETOOLONG, not ENOENT.
             raise FsError(errno.ENAMETOOLONG)
+        layout = self._layout_below(parent, name)
         node = self.index.lookup(parent, name)
         if node is None:
+            self.stats.inc("lookups_total", result="miss", layout=layout)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = pyfuse3.InodeT(0)
             negative.entry_timeout = NEGATIVE_TIMEOUT
             return negative
-        return self._remember(node)
+        self.stats.inc("lookups_total", result="hit", layout=layout)
+        return self._remember(node, layout)
 
     @guarded
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -188,6 +246,7 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = remaining
                 continue
             self.lookups.pop(ino, None)
+            self.layouts.pop(ino, None)
             self._maybe_free(ino)
 
     @guarded
@@ -266,11 +325,12 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         self._writable()
+        parent = self._ino(parent_inode)
         with self.index.transaction():
             node = self.index.make_node(
-                self._ino(parent_inode), name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid
+                parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid
             )
-        return self._remember(node)
+        return self._remember(node, self._layout_below(parent, name))
 
     @guarded
     async def symlink(
@@ -362,6 +422,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
+                self.layouts[node.id] = self._layout_below(fh, name)
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return
@@ -386,23 +447,32 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._writable()
+        parent = self._ino(parent_inode)
         with self.index.transaction():
             node = self.index.make_node(
-                self._ino(parent_inode), name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
+                parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
             )
         fh = self.files.open(node.id, flags & ~os.O_TRUNC)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), self._remember(node)
+        attrs = self._remember(node, self._layout_below(parent, name))
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), attrs
 
     @guarded
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         ino = self._ino(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        # A read-only mount still lets an existing file be opened for writing
+        # (filelock opens its lock files O_RDWR on every inductor hit); the
+        # writes themselves are refused.
+        if flags & os.O_TRUNC:
             self._writable()
-        if not self.index.get(ino).is_file:
+        node = self.index.get(ino)
+        if not node.is_file:
             raise FsError(errno.EISDIR)
         fh = self.files.open(ino, flags)
+        self.stats.inc("opens_total", layout=self.layouts.get(ino, OTHER_LAYOUT))
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            self.evictor.recency.touch(node.entry)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
             # Linux truncates even on a read-only open, and the kernel has
             # already set its cached size to 0; no writer will seal this one.
@@ -413,12 +483,17 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        return self.files.read(fh, off, size)
+        data = self.files.read(fh, off, size)
+        self.stats.inc("read_bytes_total", len(data))
+        return data
 
     @guarded
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self._writable()
-        return self.files.write(fh, off, buf)
+        written = self.files.write(fh, off, buf)
+        if self.evictor.over_cap():
+            self.evictor.wake()
+        return written
 
     @guarded
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
@@ -438,15 +513,19 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """The cap is the filesystem's size; room under it (or on the disk) is free."""
         backing = os.statvfs(self.store.root)
+        block = STATFS_BLOCK
+        disk_free = backing.f_bavail * backing.f_frsize
+        free = min(self.evictor.room(), disk_free)
         data = pyfuse3.StatvfsData()
-        data.f_bsize = backing.f_bsize
-        data.f_frsize = backing.f_frsize
-        data.f_blocks = backing.f_blocks
-        data.f_bfree = backing.f_bfree
-        data.f_bavail = backing.f_bavail
+        data.f_bsize = block
+        data.f_frsize = block
+        data.f_blocks = self.evictor.cap // block
+        data.f_bfree = free // block
+        data.f_bavail = free // block
         data.f_files = backing.f_files
         data.f_ffree = backing.f_ffree
         data.f_favail = backing.f_favail
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data

@@ -10,6 +10,7 @@ Invariants (each problem found names the one it breaks):
   nlink     a file has exactly one entry; a directory 2 + its subdirectories
   size      a file's size equals its object's size
   tree      every entry's parent is a directory; every directory is reachable
+  entries   every linked file belongs to a cache entry, and no cache entry is empty
 
 Repair makes the store consistent again without guessing content: a file
 whose object is missing or corrupt is removed (the compiler rebuilds it on its
@@ -122,7 +123,30 @@ def check(
         )
 
     _check_namespace(index, content, report)
+    _check_cache_entries(index, report)
     return report
+
+
+def _check_cache_entries(index: Index, report: Report) -> None:
+    """Every linked file belongs to an existing cache entry; no entry is empty."""
+    db = index.db
+    add = report.problems.append
+    for (ino,) in db.execute(
+        "SELECT i.id FROM inodes i LEFT JOIN cache_entries c ON c.id = i.entry "
+        f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG} AND i.nlink > 0 AND c.id IS NULL"
+    ).fetchall():
+        add(Problem("entries", f"file {ino} belongs to no cache entry", _place(index, ino)))
+    for (entry_id,) in db.execute(
+        "SELECT c.id FROM cache_entries c WHERE NOT EXISTS "
+        "(SELECT 1 FROM inodes i WHERE i.entry = c.id)"
+    ).fetchall():
+        add(
+            Problem(
+                "entries",
+                f"cache entry {entry_id} has no files",
+                _drop_cache_entry(index, entry_id),
+            )
+        )
 
 
 def _check_namespace(index: Index, content: ContentStore, report: Report) -> None:
@@ -260,6 +284,24 @@ def _set_size(index: Index, ino: int, size: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
             index.db.execute("UPDATE inodes SET size=? WHERE id=?", (size, ino))
+
+    return repair
+
+
+def _place(index: Index, ino: int) -> Callable[[], None]:
+    def repair() -> None:
+        row = index.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchone()
+        if row is not None:
+            with index.transaction():
+                index.place_in_entry(ino, row[0], row[1])
+
+    return repair
+
+
+def _drop_cache_entry(index: Index, entry_id: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
 
     return repair
 

@@ -17,12 +17,13 @@ import errno
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from mithrilfs.errors import FsError, UserError, not_found
+from mithrilfs.layouts import entry_rule
 from mithrilfs.store import EMPTY_DIGEST
 
 SCHEMA_VERSION = 1
@@ -56,10 +57,32 @@ CREATE TABLE IF NOT EXISTS inodes (
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
     object   BLOB,                 -- regular files: their content (never NULL for files)
-    target   BLOB                  -- symlinks: the link target
+    target   BLOB,                 -- symlinks: the link target
+    entry    INTEGER               -- regular files: the cache entry they belong to
 );
 CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes(id) WHERE nlink = 0;
 CREATE INDEX IF NOT EXISTS inodes_object ON inodes(object) WHERE object IS NOT NULL;
+CREATE INDEX IF NOT EXISTS inodes_entry ON inodes(entry) WHERE entry IS NOT NULL;
+
+-- Cache entries, the unit of eviction (layouts.py says which files form one).
+-- `key` names the entry: b"d<ino>" the directory <ino> and everything in it;
+-- b"s<parent>/<stem>" the files named <stem>.* in <parent>; b"f<ino>" one file.
+-- A row exists while some linked file refers to it.
+CREATE TABLE IF NOT EXISTS cache_entries (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    key       BLOB NOT NULL UNIQUE,
+    root      INTEGER NOT NULL,      -- the directory (d), parent directory (s) or file (f)
+    last_read INTEGER NOT NULL       -- unix seconds of the last open for reading
+);
+CREATE INDEX IF NOT EXISTS cache_entries_age ON cache_entries(last_read, id);
+
+-- Counters that survive a remount (stats.py), one row per name and label set.
+CREATE TABLE IF NOT EXISTS counters (
+    name   TEXT NOT NULL,
+    labels TEXT NOT NULL,            -- JSON object, keys sorted
+    value  INTEGER NOT NULL,
+    PRIMARY KEY (name, labels)
+) WITHOUT ROWID;
 
 -- Directory entries.  `id` is the readdir cursor: a rename updates the row in
 -- place, so a listing in progress never skips or repeats another entry.
@@ -79,7 +102,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
-_INODE_COLUMNS = "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target"
+_INODE_COLUMNS = (
+    "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target, entry"
+)
 
 
 @dataclass(slots=True)
@@ -95,6 +120,7 @@ class Inode:
     ctime_ns: int
     object: bytes | None
     target: bytes | None
+    entry: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -112,9 +138,27 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL)
 
 
+@dataclass
+class EvictedEntry:
+    """What removing one cache entry did."""
+
+    names: list[tuple[int, bytes, int]]  # (parent, name, inode) of every name removed
+    held: list[int]  # inodes left unlinked for the caller to free once released
+    unused_objects: list[bytes]  # object files to delete now that the commit is done
+    bytes_freed: int
+
+
 class Index:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        # Running totals, computed once at open and kept current by every
+        # change, so that the cap check and the gauges cost nothing.
+        self.stored_bytes = 0
+        self.object_count = 0
+        self.logical_bytes = 0
+        # dir inode -> (names from the class root down, their inodes); used to
+        # place new files in their cache entry without walking up each time.
+        self._dir_paths: dict[int, tuple[list[bytes], list[int]]] = {}
 
     @classmethod
     def open(cls, path: Path) -> Index:
@@ -152,7 +196,17 @@ class Index:
             ) from None
         index = cls(db)
         index._ensure_super_root()
+        index.recount()
         return index
+
+    def recount(self) -> None:
+        """Recompute the running totals from the tables (once, at open)."""
+        self.stored_bytes, self.object_count = self.db.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM objects"
+        ).fetchone()
+        self.logical_bytes = self.db.execute(
+            "SELECT coalesce(sum(size), 0) FROM inodes WHERE object IS NOT NULL"
+        ).fetchone()[0]
 
     @staticmethod
     def _schema_version(db: sqlite3.Connection) -> int | None:
@@ -238,7 +292,7 @@ class Index:
         now = time.time_ns()
         with self.transaction():
             self.db.execute(
-                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL)",
+                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,NULL)",
                 (SUPER_ROOT, stat.S_IFDIR | 0o755, 0, 0, 2, DIR_SIZE, now, now, now),
             )
 
@@ -292,7 +346,8 @@ class Index:
             "INSERT INTO entries(parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
         )
         self._touch_dir(parent, now, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
-        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target)
+        entry = self._place_in_entry(ino, parent, name, now) if stat.S_ISREG(mode) else None
+        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry)
 
     def unlink(self, parent: int, name: bytes) -> Inode:
         """Remove a non-directory entry; the inode stays (nlink 0) until forgotten."""
@@ -353,6 +408,7 @@ class Index:
             self._touch_dir(old_parent, now, nlink_delta=-moved_dirs)
             self._touch_dir(new_parent, now, nlink_delta=moved_dirs)
             self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, moved.id))
+            self._replace_after_move(moved, new_parent, new_name, now)
         return replaced
 
     def _exchange(
@@ -378,6 +434,8 @@ class Index:
             self._touch_dir(new_parent, now, nlink_delta=shift)
         else:
             self._touch_dir(old_parent, now)
+        self._replace_after_move(first, new_parent, new_name, now)
+        self._replace_after_move(second, old_parent, old_name, now)
 
     def _check_not_inside(self, moved: Inode, new_parent: int) -> None:
         """A directory may not be moved into itself or its own subtree (EINVAL)."""
@@ -398,9 +456,15 @@ class Index:
     def _drop_entry(self, parent: int, name: bytes, node: Inode) -> None:
         now = time.time_ns()
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
-        self.db.execute("UPDATE inodes SET nlink=0, ctime_ns=? WHERE id=?", (now, node.id))
+        self.db.execute(
+            "UPDATE inodes SET nlink=0, ctime_ns=?, entry=NULL WHERE id=?", (now, node.id)
+        )
         node.nlink = 0
         self._touch_dir(parent, now, nlink_delta=-1 if node.is_dir else 0)
+        if node.is_dir:
+            self._dir_paths.pop(node.id, None)
+        if node.entry is not None:
+            self._drop_cache_entry_if_empty(node.entry)
 
     def _touch_dir(self, ino: int, now: int, nlink_delta: int = 0) -> None:
         self.db.execute(
@@ -422,20 +486,20 @@ class Index:
     def set_content(self, ino: int, digest: bytes, size: int, mtime_ns: int) -> bytes | None:
         """Point a file at new content; return an object digest that is no longer used."""
         with self.transaction():
-            old = self.db.execute("SELECT object FROM inodes WHERE id=?", (ino,)).fetchone()
+            old = self.db.execute("SELECT object, size FROM inodes WHERE id=?", (ino,)).fetchone()
             if old is None:
                 raise not_found()
-            if old[0] == digest:
-                self.db.execute(
-                    "UPDATE inodes SET size=?, mtime_ns=? WHERE id=?", (size, mtime_ns, ino)
-                )
+            old_digest, old_size = old
+            if old_digest == digest:
+                self.db.execute("UPDATE inodes SET mtime_ns=? WHERE id=?", (mtime_ns, ino))
                 return None
             self._incref(digest, size)
             self.db.execute(
                 "UPDATE inodes SET object=?, size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                 (digest, size, mtime_ns, mtime_ns, ino),
             )
-            return self._decref(old[0]) if old[0] is not None else None
+            self.logical_bytes += size - old_size
+            return self._decref(old_digest) if old_digest is not None else None
 
     def ensure_empty_object(self) -> None:
         """Give the empty object its row, so that its file is never an orphan.
@@ -452,30 +516,230 @@ class Index:
 
     def free_inode(self, ino: int) -> bytes | None:
         """Delete an unlinked inode; return its object digest if that is now unused."""
+        row = self.db.execute(
+            "SELECT object, nlink, size FROM inodes WHERE id=?", (ino,)
+        ).fetchone()
+        if row is None or row[1] != 0 or ino == SUPER_ROOT:
+            return None
         with self.transaction():
-            row = self.db.execute("SELECT object, nlink FROM inodes WHERE id=?", (ino,)).fetchone()
-            if row is None or row[1] != 0 or ino == SUPER_ROOT:
-                return None
-            self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
-            return self._decref(row[0]) if row[0] is not None else None
+            return self._delete_inode(ino, row[0], row[2])
+
+    def _delete_inode(self, ino: int, digest: bytes | None, size: int) -> bytes | None:
+        self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        if digest is None:
+            return None
+        self.logical_bytes -= size
+        return self._decref(digest)
 
     def _incref(self, digest: bytes, size: int) -> None:
-        self.db.execute(
+        refcount = self.db.execute(
             "INSERT INTO objects(hash, size, refcount) VALUES (?,?,1) "
-            "ON CONFLICT(hash) DO UPDATE SET refcount=refcount+1",
+            "ON CONFLICT(hash) DO UPDATE SET refcount=refcount+1 RETURNING refcount",
             (digest, size),
-        )
+        ).fetchone()[0]
+        if refcount == 1 and digest != EMPTY_DIGEST:  # the empty row is never deleted
+            self._count_object(size, +1)
 
     def _decref(self, digest: bytes) -> bytes | None:
-        refcount = self.db.execute(
-            "UPDATE objects SET refcount=refcount-1 WHERE hash=? RETURNING refcount", (digest,)
+        row = self.db.execute(
+            "UPDATE objects SET refcount=refcount-1 WHERE hash=? RETURNING refcount, size",
+            (digest,),
         ).fetchone()
-        if refcount is not None and refcount[0] <= 0 and digest != EMPTY_DIGEST:
+        if row is not None and row[0] <= 0 and digest != EMPTY_DIGEST:
             self.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+            self._count_object(row[1], -1)
             return digest
         return None
 
+    def _count_object(self, size: int, delta: int) -> None:
+        self.stored_bytes += delta * size
+        self.object_count += delta
 
+    # -- cache entries: placement, recency, eviction -------------------------
+
+    def _path_to(self, directory: int) -> tuple[list[bytes], list[int]]:
+        """Names and inodes from the class root (exclusive) down to *directory*."""
+        cached = self._dir_paths.get(directory)
+        if cached is not None:
+            return cached
+        names: list[bytes] = []
+        inodes: list[int] = []
+        ino = directory
+        while True:
+            row = self.db.execute(
+                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
+            ).fetchone()
+            if row is None or row[0] == SUPER_ROOT:
+                break  # reached the class root (or a detached directory)
+            names.append(row[1])
+            inodes.append(ino)
+            ino = row[0]
+        path = (names[::-1], inodes[::-1])
+        self._dir_paths[directory] = path
+        return path
+
+    def _entry_key(self, ino: int, parent: int, name: bytes) -> tuple[bytes, int]:
+        names, inodes = self._path_to(parent)
+        rule = entry_rule([*names, name])
+        if rule.depth is not None:
+            root = inodes[rule.depth - 1]
+            return b"d%d" % root, root
+        if rule.stem is not None:
+            return b"s%d/" % parent + rule.stem, parent
+        return b"f%d" % ino, ino
+
+    def place_in_entry(self, ino: int, parent: int, name: bytes) -> int:
+        """Put a file in the cache entry its path says (fsck repair; in a transaction)."""
+        return self._place_in_entry(ino, parent, name, time.time_ns())
+
+    def _place_in_entry(self, ino: int, parent: int, name: bytes, now_ns: int) -> int:
+        key, root = self._entry_key(ino, parent, name)
+        row = self.db.execute(
+            "INSERT INTO cache_entries(key, root, last_read) VALUES (?,?,?) "
+            "ON CONFLICT(key) DO UPDATE SET root=root RETURNING id",
+            (key, root, now_ns // 1_000_000_000),
+        ).fetchone()
+        entry_id: int = row[0]
+        self.db.execute("UPDATE inodes SET entry=? WHERE id=?", (entry_id, ino))
+        return entry_id
+
+    def _replace_after_move(self, moved: Inode, new_parent: int, new_name: bytes, now: int) -> None:
+        """A renamed file, or every file under a renamed directory, may change entry."""
+        if moved.is_dir:
+            self._dir_paths.clear()
+            files = self.db.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
+                "SELECT e.inode, e.parent, e.name, i.entry FROM tree "
+                "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode "
+                f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}",
+                (moved.id,),
+            ).fetchall()
+        elif moved.is_file:
+            files = [(moved.id, new_parent, new_name, moved.entry)]
+        else:
+            return
+        for ino, parent, name, old_entry in files:
+            new_entry = self._place_in_entry(ino, parent, name, now)
+            if old_entry is not None and old_entry != new_entry:
+                self._drop_cache_entry_if_empty(old_entry)
+
+    def _drop_cache_entry_if_empty(self, entry_id: int) -> None:
+        if (
+            self.db.execute("SELECT 1 FROM inodes WHERE entry=? LIMIT 1", (entry_id,)).fetchone()
+            is None
+        ):
+            self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+
+    def touch_entries(self, reads: Iterable[tuple[int, int]]) -> None:
+        """Record read times (entry id, unix seconds) in one transaction."""
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE cache_entries SET last_read=max(last_read, ?) WHERE id=?",
+                [(when, entry_id) for entry_id, when in reads],
+            )
+
+    def entry_count(self) -> int:
+        count: int = self.db.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
+        return count
+
+    def oldest_entries(self, limit: int) -> list[int]:
+        return [
+            row[0]
+            for row in self.db.execute(
+                "SELECT id FROM cache_entries ORDER BY last_read, id LIMIT ?", (limit,)
+            )
+        ]
+
+    def entries_read_before(self, cutoff: int, limit: int = 1000) -> list[int]:
+        return [
+            row[0]
+            for row in self.db.execute(
+                "SELECT id FROM cache_entries WHERE last_read < ? ORDER BY last_read, id LIMIT ?",
+                (cutoff, limit),
+            )
+        ]
+
+    def entry_files(self, entry_id: int) -> list[int]:
+        return [
+            row[0] for row in self.db.execute("SELECT id FROM inodes WHERE entry=?", (entry_id,))
+        ]
+
+    def evict_entry(self, entry_id: int, held: Callable[[int], bool]) -> EvictedEntry:
+        """Remove a cache entry whole, in one transaction.
+
+        Every file's content reference is dropped at once, so the bytes count
+        as freed now.  Inodes for which *held* is true (the kernel or an open
+        handle still has them) stay as unlinked rows without content until
+        the caller frees them; an open handle keeps reading through the
+        object file descriptor it already has.
+        """
+        row = self.db.execute(
+            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
+        ).fetchone()
+        result = EvictedEntry([], [], [], 0)
+        if row is None:
+            return result
+        key, root = row
+        with self.transaction():
+            if key.startswith(b"d"):
+                names = self.db.execute(
+                    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                    "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
+                    "SELECT e.parent, e.name, e.inode FROM tree "
+                    "JOIN entries e ON e.inode = tree.id",
+                    (root,),
+                ).fetchall()
+                top_parent = self.parent_of(root)
+                if top_parent is not None:
+                    self._touch_dir(top_parent, time.time_ns(), nlink_delta=-1)
+                self._dir_paths.clear()
+            else:
+                names = self.db.execute(
+                    "SELECT e.parent, e.name, e.inode FROM inodes i "
+                    "JOIN entries e ON e.inode = i.id WHERE i.entry=?",
+                    (entry_id,),
+                ).fetchall()
+            for parent, name, ino in names:
+                self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+                digest, size = self.db.execute(
+                    "UPDATE inodes SET nlink=0, entry=NULL WHERE id=? RETURNING object, size",
+                    (ino,),
+                ).fetchone()
+                result.names.append((parent, name, ino))
+                before = self.stored_bytes
+                if held(ino):
+                    result.held.append(ino)
+                    self.db.execute("UPDATE inodes SET object=NULL WHERE id=?", (ino,))
+                    unused = None
+                    if digest is not None:
+                        self.logical_bytes -= size
+                        unused = self._decref(digest)
+                else:
+                    unused = self._delete_inode(ino, digest, size)
+                if unused is not None:
+                    result.unused_objects.append(unused)
+                    result.bytes_freed += before - self.stored_bytes
+            self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+        return result
+
+    # -- counters ---------------------------------------------------------
+
+    def load_counters(self) -> list[tuple[str, str, int]]:
+        return self.db.execute("SELECT name, labels, value FROM counters").fetchall()
+
+    def save_counters(self, rows: Iterable[tuple[str, str, int]], gauges: dict[str, int]) -> None:
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO counters(name, labels, value) VALUES (?,?,?) "
+                "ON CONFLICT(name, labels) DO UPDATE SET value=excluded.value",
+                list(rows),
+            )
+            for name, value in gauges.items():
+                self.set_meta(f"gauge.{name}", value)
+
+
+_S_IFMT = 0o170000
 _SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"})
 
 

@@ -30,7 +30,8 @@ class SnapshotCollector(Collector):
         for name, (help_text, label_names) in COUNTERS.items():
             # prometheus_client appends _total to counters itself.
             families[name] = CounterMetricFamily(
-                PREFIX + name.removesuffix("_total"), help_text,
+                PREFIX + name.removesuffix("_total"),
+                help_text,
                 labels=[*label_names, "device_class"],
             )
         for name, labels, value in snapshot.counters:

@@ -16,14 +16,17 @@ the store even if the daemon is killed a moment later.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from mithrilfs.errors import FsError
 from mithrilfs.index import Index
 from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
 
@@ -59,15 +62,23 @@ class Handle:
 
 
 class OpenFiles:
-    def __init__(self, index: Index, store: ContentStore) -> None:
+    def __init__(
+        self,
+        index: Index,
+        store: ContentStore,
+        *,
+        max_file_size: int | None = None,
+        on_sealed: Callable[[int, bool], None] = lambda size, new_object: None,
+    ) -> None:
         self.index = index
         self.store = store
+        # A file that can never fit under the cap is refused (EFBIG) rather
+        # than evicting everything else and failing anyway.
+        self.max_file_size = max_file_size
+        self._on_sealed = on_sealed
         self._inodes: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
-        self.seals = 0
-        self.dedup_hits = 0
-        self.bytes_sealed = 0
 
     # -- queries ------------------------------------------------------------
 
@@ -99,11 +110,24 @@ class OpenFiles:
 
     # -- open and close -----------------------------------------------------
 
+    def staged_bytes(self) -> int:
+        """Bytes held in staging files (they count against the cap)."""
+        return sum(state.size for state in self._inodes.values() if state.staged)
+
+    def is_being_written(self, ino: int) -> bool:
+        state = self._inodes.get(ino)
+        return state is not None and (state.writers > 0 or state.staged)
+
     def open(self, ino: int, flags: int) -> int:
-        node = self.index.get(ino)
         state = self._inodes.get(ino)
         if state is None:
-            state = OpenInode(ino, node.object, node.size, node.mtime_ns)
+            node = self.index.get(ino)
+            if node.object is None:
+                raise FsError(errno.ENOENT)  # evicted while the kernel still knew its name
+            # Opened now, not at the first read: eviction may delete the
+            # object file while this handle is open, and the fd keeps it alive.
+            object_fd = self.store.open_object(node.object)
+            state = OpenInode(ino, node.object, node.size, node.mtime_ns, object_fd=object_fd)
             self._inodes[ino] = state
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         state.handles += 1
@@ -173,6 +197,7 @@ class OpenFiles:
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         state = self._handles[fh].inode
+        self._check_size(offset + len(data))
         self._stage(state)
         assert state.staging_fd is not None
         written = os.pwrite(state.staging_fd, data, offset)
@@ -195,7 +220,12 @@ class OpenFiles:
         finally:
             await self.release(fh)
 
+    def _check_size(self, size: int) -> None:
+        if self.max_file_size is not None and size > self.max_file_size:
+            raise FsError(errno.EFBIG, "a file larger than the store's cap")
+
     def _truncate_staged(self, state: OpenInode, size: int) -> None:
+        self._check_size(size)
         self._stage(state, keep=min(size, state.size))
         assert state.staging_fd is not None
         os.ftruncate(state.staging_fd, size)
@@ -254,9 +284,6 @@ class OpenFiles:
             self.store.delete(unused)
         if state.object_fd is not None:
             os.close(state.object_fd)
-            state.object_fd = None
+        state.object_fd = self.store.open_object(digest)
         state.digest, state.size, state.dirty = digest, size, False
-        self.seals += 1
-        self.bytes_sealed += size
-        if not new_object:
-            self.dedup_hits += 1
+        self._on_sealed(size, new_object)

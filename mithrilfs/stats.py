@@ -75,8 +75,10 @@ class Stats:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
-            counters=[(name, dict(labels, device_class=self.device_class), value)
-                      for (name, labels), value in self.counters.items()],
+            counters=[
+                (name, dict(labels, device_class=self.device_class), value)
+                for (name, labels), value in self.counters.items()
+            ],
             gauges=dict(self.gauges),
         )
 
@@ -109,7 +111,8 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
 
     def total(name: str, **match: str) -> int:
         return sum(
-            value for counter, labels, value in snapshot.counters
+            value
+            for counter, labels, value in snapshot.counters
             if counter == name and all(labels.get(k) == v for k, v in match.items())
         )
 
@@ -165,8 +168,10 @@ def render_text(summary: Mapping[str, Any]) -> str:
         f"({lookups['hit']} hits, {lookups['miss']} misses)",
     ]
     for name, counts in lookups["by_layout"].items():
-        lines.append(f"  {name:<11} {_percent(counts['hit_rate'])}  "
-                     f"({counts['hit']} hits, {counts['miss']} misses)")
+        lines.append(
+            f"  {name:<11} {_percent(counts['hit_rate'])}  "
+            f"({counts['hit']} hits, {counts['miss']} misses)"
+        )
     lines += [
         f"used          {human_bytes(summary['store_bytes'])} of "
         f"{human_bytes(summary['cap_bytes'])} cap ({_percent(summary['used_fraction'])})",

@@ -1006,7 +1006,13 @@ def _add_object(
     tar: tarfile.TarFile, content: ContentStore, info: tarfile.TarInfo, digest: bytes
 ) -> None:
     """Stream an object into the archive, checking its hash on the way out."""
-    fd = content.open_object(digest)
+    try:
+        fd = content.open_object(digest)
+    except FileNotFoundError:
+        raise UserError(
+            f"object {digest.hex()} of {info.name!r} is missing; run 'mithrilfs fsck --repair'",
+            3,
+        ) from None
     reader = _HashingReader(fd)
     try:
         tar.addfile(info, reader)
