@@ -136,13 +136,14 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             config.device_class,
             config.mountpoint,
         )
-        unmounted = False
         try:
             trio.run(_serve_until_stopped, ops, collector, ready)
-            unmounted = True
         finally:
             ops.forget_all()
-            pyfuse3.close(unmount=not unmounted)
+            # Always detach: after a signal (or an error) the kernel still has
+            # the mount, and leaving it would leave a stale mountpoint.
+            # Unmounting one the kernel already dropped is harmless.
+            pyfuse3.close(unmount=True)
             _save_stats(ops, collector)
         clean = True
     finally:

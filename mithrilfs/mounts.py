@@ -61,7 +61,9 @@ def find_mount(path: Path) -> MountEntry | None:
 def is_stale(path: Path) -> bool:
     """True when *path* is a FUSE mount whose daemon is gone."""
     try:
-        os.stat(path)
+        # statvfs always reaches the daemon; stat may be answered from the
+        # kernel's attribute cache for a while after the daemon died.
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
