@@ -220,7 +220,9 @@ def _setup_logging(config: MountConfig, *, daemon: bool) -> None:
         handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.ident = "mithrilfs: "
     elif daemon:
-        handler = logging.FileHandler(config.store / "mithrilfs.log")
+        log_path = config.store / "mithrilfs.log"
+        os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        handler = logging.FileHandler(log_path)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

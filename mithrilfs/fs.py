@@ -127,6 +127,8 @@ class Operations(pyfuse3.Operations):
         # for the per-layout counters.
         self.layouts: dict[int, str] = {}
         self.dir_handles = 0
+        # Cache entries whose objects were all checked against their hashes.
+        self.verified_entries: set[int] = set()
 
     # -- inode numbers and attributes ---------------------------------------
 
@@ -182,14 +184,43 @@ class Operations(pyfuse3.Operations):
         if self.evictor.over_cap():
             self.evictor.wake()
 
+    async def _entry_intact(self, entry_id: int) -> bool:
+        """Verify a whole cache entry the first time one of its names is looked up.
+
+        Checking at lookup, not only at open, matters: Triton stats every file
+        of a group before it opens any, so a file that vanished only at open
+        would crash it instead of being a miss.
+        """
+        if entry_id in self.verified_entries:
+            return True
+        for ino, digest in self.index.entry_objects(entry_id):
+            if self.files.is_being_written(ino):
+                continue
+            if not await self.files.object_intact(digest):
+                self._drop_corrupt(digest, ino)
+                return False
+        self.verified_entries.add(entry_id)
+        return True
+
+    def _drop_corrupt(self, digest: bytes, ino: int) -> None:
+        """An object no longer matches its hash: never serve it again."""
+        log.error(
+            "object %s (opened as inode %d) does not match its hash; dropping every cache "
+            "entry that uses it", digest.hex(), ino,
+        )
+        self.stats.inc("integrity_failures_total")
+        self.evictor.remove_entries(self.index.entries_using(digest), "integrity")
+        self._maybe_free(ino)
+
     def _evicted(self, removed: EvictedEntry) -> None:
         """Tell the kernel about every name eviction removed (queued, never blocking)."""
         self.stats.inc("evictions_total", reason="cap")
         self.stats.inc("evicted_bytes_total", removed.bytes_freed)
-        for parent, name, ino in removed.names:
-            pyfuse3.invalidate_entry_async(
-                self._fuse_ino(parent), name, deleted=self._fuse_ino(ino), ignore_enoent=True
-            )
+        # Deepest names first.  A plain invalidation (no "deleted" inode):
+        # asking the kernel to delete a directory dentry fails with ENOTEMPTY
+        # while it still caches children, negative ones included.
+        for parent, name, _ino in reversed(removed.names):
+            pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -234,6 +265,9 @@ class Operations(pyfuse3.Operations):
             negative.st_ino = pyfuse3.InodeT(0)
             negative.entry_timeout = NEGATIVE_TIMEOUT
             return negative
+        if node.entry is not None and not await self._entry_intact(node.entry):
+            self.stats.inc("lookups_total", result="miss", layout=layout)
+            raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss
         self.stats.inc("lookups_total", result="hit", layout=layout)
         return self._remember(node, layout)
 
@@ -469,7 +503,17 @@ class Operations(pyfuse3.Operations):
         node = self.index.get(ino)
         if not node.is_file:
             raise FsError(errno.EISDIR)
-        fh = self.files.open(ino, flags)
+        try:
+            fh = self.files.open(ino, flags)
+        except FileNotFoundError:
+            assert node.object is not None
+            self._drop_corrupt(node.object, ino)  # its object file is gone
+            raise FsError(errno.ENOENT) from None
+        corrupt = await self.files.verify(fh)
+        if corrupt is not None:
+            await self.files.release(fh)
+            self._drop_corrupt(corrupt, ino)
+            raise FsError(errno.ENOENT)  # now a miss: the compiler rebuilds the entry
         self.stats.inc("opens_total", layout=self.layouts.get(ino, OTHER_LAYOUT))
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)

@@ -660,6 +660,18 @@ class Index:
             )
         ]
 
+    def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
+        """(inode, object digest) of every file in a cache entry."""
+        return self.db.execute(
+            "SELECT id, object FROM inodes WHERE entry=? AND object IS NOT NULL", (entry_id,)
+        ).fetchall()
+
+    def entries_using(self, digest: bytes) -> list[int]:
+        """The cache entries with a linked file whose content is *digest*."""
+        return [row[0] for row in self.db.execute(
+            "SELECT DISTINCT entry FROM inodes WHERE object=? AND entry IS NOT NULL", (digest,)
+        )]
+
     def entry_files(self, entry_id: int) -> list[int]:
         return [
             row[0] for row in self.db.execute("SELECT id FROM inodes WHERE entry=?", (entry_id,))

@@ -79,6 +79,8 @@ class OpenFiles:
         self._inodes: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
+        # Objects whose bytes were checked against their name since the mount.
+        self._verified: set[bytes] = set()
 
     # -- queries ------------------------------------------------------------
 
@@ -104,6 +106,48 @@ class OpenFiles:
         state = self._inodes.get(ino)
         if state is not None:
             state.mtime_ns = mtime_ns
+
+    async def verify(self, fh: int) -> bytes | None:
+        """Check, once per object per daemon, that sealed content matches its hash.
+
+        Returns the digest of a corrupt object (the caller drops every entry
+        that uses it), None when the content is intact or not sealed yet.
+        Objects are immutable, so one check covers every later open; the
+        cost is one blake3 pass over each object the first time it is opened.
+        """
+        state = self._handles[fh].inode
+        digest, fd = state.digest, state.object_fd
+        if state.staged or digest is None or fd is None or digest in self._verified:
+            return None
+        if state.size <= INLINE_HASH_LIMIT:
+            actual, _size = hash_fd(fd)
+        else:
+            actual, _size = await trio.to_thread.run_sync(hash_fd, fd)
+        if actual != digest:
+            return digest
+        self._verified.add(digest)
+        return None
+
+    async def object_intact(self, digest: bytes) -> bool:
+        """True when the stored object matches its name (checked once per daemon)."""
+        if digest in self._verified:
+            return True
+        try:
+            fd = self.store.open_object(digest)
+        except FileNotFoundError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            if size <= INLINE_HASH_LIMIT:
+                actual, _size = hash_fd(fd)
+            else:
+                actual, _size = await trio.to_thread.run_sync(hash_fd, fd)
+        finally:
+            os.close(fd)
+        if actual != digest:
+            return False
+        self._verified.add(digest)
+        return True
 
     def open_count(self) -> int:
         return len(self._handles)
@@ -275,6 +319,8 @@ class OpenFiles:
         assert state.staging_path is not None
         assert state.staging_fd is not None
         new_object = self.store.publish(state.staging_path, digest)
+        if new_object:
+            self._verified.add(digest)  # we just hashed these very bytes
         # The staging fd now refers to the object file (or to a dropped
         # duplicate): it must never be written again.
         os.close(state.staging_fd)

@@ -85,6 +85,7 @@ class Repository:
         try:
             content = ContentStore(root)
             content.create_dirs()
+            _create_private(root / INDEX_NAME)
             index = Index.open(root / INDEX_NAME)
         except OSError as exc:
             os.close(lock_fd)
@@ -139,6 +140,13 @@ class Repository:
                 self.index.set_meta("clean_shutdown", 1 if clean else 0)
         self.index.close()
         os.close(self._lock_fd)
+
+
+def _create_private(path: Path) -> None:
+    """Create *path* readable by its owner only; SQLite gives its -wal and -shm
+    files the same mode as the database file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
 
 
 def _take_lock(root: Path) -> int:

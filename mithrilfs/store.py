@@ -60,6 +60,12 @@ class ContentStore:
         hexname = digest.hex()
         return self.objects_dir / hexname[:2] / hexname[2:4] / hexname
 
+    @staticmethod
+    def _make_shard_dirs(target: Path) -> None:
+        # mkdir(parents=True) would give the first level the umask's mode.
+        for directory in (target.parent.parent, target.parent):
+            directory.mkdir(mode=0o700, exist_ok=True)
+
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()
 
@@ -95,7 +101,7 @@ class ContentStore:
         if target.exists():
             staging_path.unlink()
             return False
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_shard_dirs(target)
         os.chmod(staging_path, 0o400)
         os.replace(staging_path, target)
         return True
@@ -103,7 +109,7 @@ class ContentStore:
     def ensure_empty_object(self) -> None:
         target = self.object_path(EMPTY_DIGEST)
         if not target.exists():
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._make_shard_dirs(target)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o400)
             os.close(fd)
 
