@@ -72,10 +72,12 @@ def test_allow_other_still_enforces_modes(make_mount) -> None:
 
     assert as_nobody("cat", str(public)).stdout == "anyone may read"
     denied = as_nobody("cat", str(secret))
-    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert denied.returncode != 0
+    assert "Permission denied" in denied.stderr
     # Nor may it replace the file (the directory is root's, mode 0755) ...
     replace = as_nobody("mv", "-f", str(public), str(secret))
-    assert replace.returncode != 0 and "Permission denied" in replace.stderr
+    assert replace.returncode != 0
+    assert "Permission denied" in replace.stderr
     overwrite = as_nobody("sh", "-c", f"echo evil > {public}")
     assert overwrite.returncode != 0
     assert secret.read_bytes() == b"root only"
