@@ -12,8 +12,9 @@ import logging
 import logging.handlers
 import os
 import signal
+import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from mithrilfs.stats import Stats
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+SYSLOG_SOCKET = "/dev/log"
 EXPIRY_SECONDS = 60.0
 
 
@@ -123,6 +125,8 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             read_only=config.read_only,
         )
         collector = SnapshotCollector(config.device_class)
+        # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
+        _save_stats(ops, collector)
         if config.metrics_listen:
             serve_metrics(config.metrics_listen, collector)
         repo.mark_in_use()
@@ -130,6 +134,13 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             pyfuse3.init(ops, os.fspath(config.mountpoint), fuse_options(config))
         except RuntimeError as exc:
             raise UserError(f"cannot mount {config.mountpoint}: {exc}", 1) from None
+        log.debug(
+            "fuse options %s; cap %d bytes; max_age %s; metrics %s",
+            ",".join(sorted(fuse_options(config))),
+            cap,
+            config.max_age,
+            config.metrics_listen,
+        )
         log.info(
             "serving store %s (class %s) at %s",
             config.store,
@@ -156,7 +167,7 @@ async def _serve_until_stopped(
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(ops.evictor.run)
+        nursery.start_soon(_supervised, "eviction", ops.evictor.run)
         nursery.start_soon(_housekeeping, ops, collector)
         ops.evictor.wake()  # the cap may have been lowered since the last mount
         ready()
@@ -169,17 +180,36 @@ async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
     last_expiry = 0.0
     while True:
         await trio.sleep(HOUSEKEEPING_SECONDS)
-        ops.evictor.recency.flush(ops.index)
-        if ops.evictor.max_age is not None and trio.current_time() - last_expiry > EXPIRY_SECONDS:
-            last_expiry = trio.current_time()
-            result = ops.evictor.expire()
-            if result.entries:
-                log.info("dropped %d entries not read within max_age", result.entries)
-        _save_stats(ops, collector)
+        try:
+            ops.evictor.recency.flush(ops.index)
+            if (
+                ops.evictor.max_age is not None
+                and trio.current_time() - last_expiry > EXPIRY_SECONDS
+            ):
+                last_expiry = trio.current_time()
+                result = ops.evictor.expire()
+                if result.entries:
+                    log.info("dropped %d entries not read within max_age", result.entries)
+            _save_stats(ops, collector)
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk must not take the mount down; try again next round.
+            log.warning("housekeeping failed, will retry: %s", exc)
+
+
+async def _supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
+    """Run a background task; if it fails, log it and start it again."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            log.exception("background task %s failed; restarting it", name)
+            await trio.sleep(1.0)
 
 
 def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
     index, stats = ops.index, ops.stats
+    stats.mark_saved()
     stats.set_gauge("logical_bytes", index.logical_bytes)
     stats.set_gauge("store_bytes", ops.evictor.usage())
     stats.set_gauge("objects", index.object_count)
@@ -213,19 +243,27 @@ def _prepare_tree(repo: Repository, config: MountConfig) -> int:
 
 
 def _setup_logging(config: MountConfig, *, daemon: bool) -> None:
-    handler: logging.Handler
+    """--log-file if given; else stderr in the foreground, syslog (or the store) as a daemon."""
+    handler: logging.Handler | None = None
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.log_file is not None:
         handler = logging.FileHandler(config.log_file)
-    elif daemon and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.ident = "mithrilfs: "
-    elif daemon:
+    elif not daemon:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists(SYSLOG_SOCKET):
+        try:
+            syslog = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        except OSError:
+            pass  # nobody listens on it: fall back to the store
+        else:
+            syslog.ident = "mithrilfs: "
+            handler = syslog
+            formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # syslog stamps
+    if handler is None:
         log_path = config.store / "mithrilfs.log"
         os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         handler = logging.FileHandler(log_path)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())

@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -75,6 +76,12 @@ def guarded(
             raise
         except FsError as exc:
             raise FUSEError(exc.errno) from None
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                log.exception("%s failed", handler.__name__)
+                raise FUSEError(errno.EIO) from None
+            log.warning("%s: the store's disk is full", handler.__name__)
+            raise FUSEError(errno.ENOSPC) from None
         except OSError as exc:
             if exc.errno in _PASSTHROUGH_ERRNOS:
                 raise FUSEError(exc.errno) from None

@@ -325,7 +325,13 @@ class OpenFiles:
         # duplicate): it must never be written again.
         os.close(state.staging_fd)
         state.staging_fd, state.staging_path = None, None
-        unused = self.index.set_content(state.ino, digest, size, state.mtime_ns)
+        try:
+            unused = self.index.set_content(state.ino, digest, size, state.mtime_ns)
+        except BaseException:
+            if new_object:  # no row will ever point at it
+                self.store.delete(digest)
+                self._verified.discard(digest)
+            raise
         if unused is not None:
             self.store.delete(unused)
         if state.object_fd is not None:
