@@ -13,16 +13,24 @@ Invariants (each problem found names the one it breaks):
   entries   every linked file belongs to a cache entry, and no cache entry is empty
 
 Repair makes the store consistent again without guessing content: a file
-whose object is missing or corrupt is removed (the compiler rebuilds it on its
-next miss), counts are recomputed, and leftovers are deleted.
+whose object is missing or corrupt is removed together with the rest of its
+cache entry, as eviction would (a compiler that finds part of an entry may
+trust it; given a clean miss it rebuilds the entry), counts are recomputed,
+and leftovers are deleted.  The empty object is the one content known
+without its file, so it is recreated instead.
+
+`check` only describes; `repair` applies.  The mount runs the quick form
+(`verify_hashes=False`) after an unclean shutdown and repairs what it finds.
 """
 
 from __future__ import annotations
 
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from mithrilfs.index import SUPER_ROOT, Index
 from mithrilfs.store import EMPTY_DIGEST, ContentStore
@@ -35,6 +43,7 @@ class Problem:
     kind: str
     detail: str
     repair: Callable[[], None] | None = None
+    repaired: bool = False
 
 
 @dataclass
@@ -78,7 +87,7 @@ def check(
                 Problem(
                     "refcount",
                     f"object {digest.hex()} has refcount {refcount}, referenced {actual} times",
-                    _fix_refcount(index, digest, actual),
+                    _fix_refcount(index, content, digest, actual),
                 )
             )
         if actual == 0 and digest != EMPTY_DIGEST:
@@ -92,17 +101,21 @@ def check(
                 Problem(
                     "objects",
                     f"object {digest.hex()}: {damage}",
-                    _drop_object(index, content, digest),
+                    _recreate_empty(content)
+                    if digest == EMPTY_DIGEST
+                    else _drop_object(index, content, digest),
                 )
             )
 
-    for (digest,) in db.execute("SELECT DISTINCT object FROM inodes WHERE object IS NOT NULL"):
+    for digest, count in referenced.items():
         if digest not in known:
             add(
                 Problem(
                     "dangling",
                     f"files refer to object {digest.hex()}, which has no row",
-                    _drop_object(index, content, digest),
+                    _restore_empty_row(index, content, count)
+                    if digest == EMPTY_DIGEST
+                    else _drop_object(index, content, digest),
                 )
             )
 
@@ -221,32 +234,61 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
 # -- repairs: each returns a closure so that `check` only describes ------------
 
 
-def _fix_refcount(index: Index, digest: bytes, actual: int) -> Callable[[], None]:
+def _fix_refcount(
+    index: Index, content: ContentStore, digest: bytes, actual: int
+) -> Callable[[], None]:
     def repair() -> None:
+        unused = actual == 0 and digest != EMPTY_DIGEST
         with index.transaction():
-            if actual == 0 and digest != EMPTY_DIGEST:
+            if unused:
                 index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
             else:
                 index.db.execute("UPDATE objects SET refcount=? WHERE hash=?", (actual, digest))
+        if unused:
+            content.delete(digest)  # after the commit: its row is gone, so is the file
 
     return repair
 
 
 def _drop_object(index: Index, content: ContentStore, digest: bytes) -> Callable[[], None]:
-    """A lost or corrupt object: remove every file that refers to it, then the object."""
+    """A lost or corrupt object: remove every cache entry that has a file of it, whole."""
 
     def repair() -> None:
+        unused: list[bytes] = []
         with index.transaction():
-            inodes = [
-                r[0] for r in index.db.execute("SELECT id FROM inodes WHERE object=?", (digest,))
-            ]
-            for ino in inodes:
+            for entry_id in index.entries_using(digest):
+                unused += index.evict_entry(entry_id, lambda _ino: False).unused_objects
+            # Files in no entry (or unlinked ones) go one by one.
+            for (ino,) in index.db.execute(
+                "SELECT id FROM inodes WHERE object=?", (digest,)
+            ).fetchall():
                 index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
                 index.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
             index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+        for other in unused:
+            content.delete(other)
         content.delete(digest)
-        if digest == EMPTY_DIGEST:
-            content.ensure_empty_object()
+
+    return repair
+
+
+def _recreate_empty(content: ContentStore) -> Callable[[], None]:
+    def repair() -> None:
+        content.delete(EMPTY_DIGEST)
+        content.ensure_empty_object()
+
+    return repair
+
+
+def _restore_empty_row(index: Index, content: ContentStore, count: int) -> Callable[[], None]:
+    def repair() -> None:
+        content.ensure_empty_object()  # file first, then the row
+        with index.transaction():
+            index.db.execute(
+                "INSERT INTO objects(hash, size, refcount) VALUES (?, 0, ?) "
+                "ON CONFLICT(hash) DO UPDATE SET refcount=excluded.refcount",
+                (EMPTY_DIGEST, count),
+            )
 
     return repair
 
@@ -324,9 +366,39 @@ def _unlink(path: Path) -> Callable[[], None]:
 def repair(report: Report) -> int:
     """Apply every repair the check found; return how many were applied."""
     applied = 0
-    for problem in report.problems:
+    # Dangling names first: removing a whole cache entry walks its tree.
+    for problem in sorted(report.problems, key=lambda p: p.kind != "tree"):
         if problem.repair is not None:
             problem.repair()
+            problem.repaired = True
             applied += 1
     report.repaired = applied
     return applied
+
+
+class TtyProgress:
+    """`check`'s progress as one line on a terminal, redrawn with '\\r'."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, stream: TextIO, label: str = "checking objects") -> None:
+        self.stream = stream
+        self.label = label
+        self._drawn_at = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        last = done >= total
+        if not last and now - self._drawn_at < self.INTERVAL_S:
+            return
+        self._drawn_at = now
+        percent = 100 * done // total if total else 100
+        self.stream.write(f"\rfsck: {self.label} {done}/{total} ({percent}%)\x1b[K")
+        if last:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def tty_progress(stream: TextIO) -> TtyProgress | None:
+    """A progress indicator for *stream* when it is a terminal; None (quiet) otherwise."""
+    return TtyProgress(stream) if stream.isatty() else None

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS cache_entries (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     key       BLOB NOT NULL UNIQUE,
     root      INTEGER NOT NULL,      -- the directory (d), parent directory (s) or file (f)
-    last_read INTEGER NOT NULL       -- unix seconds of the last open for reading
+    last_read INTEGER NOT NULL       -- unix nanoseconds of the last open for reading, or of
+                                     -- the last file placed in it (creation is a use)
 );
 CREATE INDEX IF NOT EXISTS cache_entries_age ON cache_entries(last_read, id);
 
@@ -196,13 +197,16 @@ class Index:
             ) from None
         index = cls(db)
         index._ensure_super_root()
+        index._migrate_recency_to_ns()
         index.recount()
         return index
 
     def recount(self) -> None:
         """Recompute the running totals from the tables (once, at open)."""
+        # The empty object is not counted: its row lives as long as the store.
         self.stored_bytes, self.object_count = self.db.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM objects"
+            "SELECT coalesce(sum(size), 0), count(*) FROM objects WHERE hash != ?",
+            (EMPTY_DIGEST,),
         ).fetchone()
         self.logical_bytes = self.db.execute(
             "SELECT coalesce(sum(size), 0) FROM inodes WHERE object IS NOT NULL"
@@ -322,6 +326,7 @@ class Index:
         object, so every file always has content to serve.
         """
         check_name(name)
+        self._require_linked(parent)
         if self.lookup(parent, name) is not None:
             raise FsError(errno.EEXIST)
         now = time.time_ns()
@@ -373,6 +378,7 @@ class Index:
     ) -> Inode | None:
         """Rename an entry; returns the inode it replaced (now unlinked), if any."""
         check_name(new_name)
+        self._require_linked(new_parent)
         moved = self._existing(old_parent, old_name)
         replaced = self.lookup(new_parent, new_name)
         if flags & RENAME_NOREPLACE and replaced is not None:
@@ -446,6 +452,17 @@ class Index:
             if ino == moved.id:
                 raise FsError(errno.EINVAL)
             ino = self.parent_of(ino)
+
+    def _require_linked(self, directory: int) -> None:
+        """ENOENT for a directory that is gone (evicted while the kernel still had it).
+
+        Eviction removes names on its own and the kernel learns of it
+        asynchronously; a create that resolved the directory before that must
+        not put a name under a directory nobody can reach any more.
+        """
+        row = self.db.execute("SELECT nlink FROM inodes WHERE id=?", (directory,)).fetchone()
+        if row is None or row[0] == 0:
+            raise not_found()
 
     def _existing(self, parent: int, name: bytes) -> Inode:
         node = self.lookup(parent, name)
@@ -593,11 +610,15 @@ class Index:
         return self._place_in_entry(ino, parent, name, time.time_ns())
 
     def _place_in_entry(self, ino: int, parent: int, name: bytes, now_ns: int) -> int:
+        # Placing a file is a use of its entry: an entry being assembled
+        # (Triton writes its artifacts one by one, the group file last) is
+        # among the most recent ones, never the next victim.
         key, root = self._entry_key(ino, parent, name)
         row = self.db.execute(
             "INSERT INTO cache_entries(key, root, last_read) VALUES (?,?,?) "
-            "ON CONFLICT(key) DO UPDATE SET root=root RETURNING id",
-            (key, root, now_ns // 1_000_000_000),
+            "ON CONFLICT(key) DO UPDATE SET last_read=max(last_read, excluded.last_read) "
+            "RETURNING id",
+            (key, root, now_ns),
         ).fetchone()
         entry_id: int = row[0]
         self.db.execute("UPDATE inodes SET entry=? WHERE id=?", (entry_id, ino))
@@ -631,8 +652,25 @@ class Index:
         ):
             self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
 
+    def _migrate_recency_to_ns(self) -> None:
+        """Stores made before recency had nanosecond resolution kept seconds."""
+        stale = (1, _NS_FLOOR - 1)
+        if (
+            self.db.execute(
+                "SELECT 1 FROM cache_entries WHERE last_read BETWEEN ? AND ? LIMIT 1", stale
+            ).fetchone()
+            is None
+        ):
+            return
+        with self.transaction():
+            self.db.execute(
+                "UPDATE cache_entries SET last_read = last_read * 1000000000 "
+                "WHERE last_read BETWEEN ? AND ?",
+                stale,
+            )
+
     def touch_entries(self, reads: Iterable[tuple[int, int]]) -> None:
-        """Record read times (entry id, unix seconds) in one transaction."""
+        """Record read times (entry id, unix nanoseconds) in one transaction."""
         with self.transaction():
             self.db.executemany(
                 "UPDATE cache_entries SET last_read=max(last_read, ?) WHERE id=?",
@@ -643,22 +681,113 @@ class Index:
         count: int = self.db.execute("SELECT count(*) FROM cache_entries").fetchone()[0]
         return count
 
-    def oldest_entries(self, limit: int) -> list[int]:
-        return [
-            row[0]
-            for row in self.db.execute(
-                "SELECT id FROM cache_entries ORDER BY last_read, id LIMIT ?", (limit,)
-            )
-        ]
+    def entries_by_age(
+        self, limit: int, after: tuple[int, int] | None = None, read_before: int | None = None
+    ) -> list[tuple[int, int]]:
+        """(last_read, id) of up to *limit* entries, least recently read first.
 
-    def entries_read_before(self, cutoff: int, limit: int = 1000) -> list[int]:
-        return [
-            row[0]
-            for row in self.db.execute(
-                "SELECT id FROM cache_entries WHERE last_read < ? ORDER BY last_read, id LIMIT ?",
-                (cutoff, limit),
-            )
-        ]
+        *after* continues from the last pair returned (keyset paging on the
+        `cache_entries_age` index: a call costs the rows it returns, whatever
+        the size of the store and however many entries were skipped before);
+        *read_before* (unix ns) stops at the first entry read at or after it.
+        Ties in last_read go by id, i.e. the older entry first.
+        """
+        last_read, entry_id = after if after is not None else (-1, -1)
+        cutoff = read_before if read_before is not None else _NS_MAX
+        rows: list[tuple[int, int]] = self.db.execute(
+            "SELECT last_read, id FROM cache_entries "
+            "WHERE (last_read, id) > (?, ?) AND last_read < ? ORDER BY last_read, id LIMIT ?",
+            (last_read, entry_id, cutoff, limit),
+        ).fetchall()
+        return rows
+
+    def entry_table(self) -> dict[int, tuple[bytes, int, int]]:
+        """id -> (key, root, last_read) of every cache entry (selection by path)."""
+        return {
+            row[0]: (row[1], row[2], row[3])
+            for row in self.db.execute("SELECT id, key, root, last_read FROM cache_entries")
+        }
+
+    def class_roots(self) -> list[tuple[bytes, int]]:
+        """(name, inode) of every device-class tree, by name."""
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (SUPER_ROOT,)
+        ).fetchall()
+        return rows
+
+    def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
+        """(parent, name, inode, cache entry) of every name in the tree under *root*."""
+        rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(
+            "WITH RECURSIVE tree(id) AS (SELECT inode FROM entries WHERE parent=? UNION ALL "
+            "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
+            "SELECT e.parent, e.name, e.inode, i.entry FROM tree "
+            "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode",
+            (root,),
+        ).fetchall()
+        return rows
+
+    def entry_location(self, entry_id: int) -> tuple[bytes, bytes] | None:
+        """(device class, path below the class root) that names an entry, for people.
+
+        A directory entry is its directory's path, a stem entry ``dir/stem.*``
+        and a single file its own path.
+        """
+        row = self.db.execute(
+            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        key, root = row
+        if key.startswith(b"d"):
+            directory, leaf = root, b""
+        elif key.startswith(b"s"):
+            directory, leaf = root, key.split(b"/", 1)[1] + b".*"
+        else:
+            link = self.db.execute(
+                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (root,)
+            ).fetchone()
+            if link is None:
+                return None
+            directory, leaf = link
+        names: list[bytes] = [leaf] if leaf else []
+        ino = directory
+        while True:
+            link = self.db.execute(
+                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
+            ).fetchone()
+            if link is None:
+                return None  # detached
+            if link[0] == SUPER_ROOT:
+                return link[1], b"/".join(reversed(names))
+            names.append(link[1])
+            ino = link[0]
+
+    def class_of(self, directory: int) -> bytes | None:
+        """The device class whose tree holds *directory* (None when detached)."""
+        ino = directory
+        while True:
+            link = self.db.execute(
+                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
+            ).fetchone()
+            if link is None:
+                return None
+            if link[0] == SUPER_ROOT:
+                name: bytes = link[1]
+                return name
+            ino = link[0]
+
+    def entry_content(self, entry_id: int) -> list[tuple[bytes, int, int, int]]:
+        """(object, size, refcount, files of this entry using it) for each object of an entry.
+
+        What removing the entry would free, without removing it: an object
+        goes when every file that uses it goes (dry runs).
+        """
+        rows: list[tuple[bytes, int, int, int]] = self.db.execute(
+            "SELECT o.hash, o.size, o.refcount, count(*) FROM inodes i "
+            "JOIN objects o ON o.hash = i.object WHERE i.entry=? GROUP BY o.hash",
+            (entry_id,),
+        ).fetchall()
+        return rows
 
     def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
         """(inode, object digest) of every file in a cache entry."""
@@ -684,7 +813,9 @@ class Index:
         as freed now.  Inodes for which *held* is true (the kernel or an open
         handle still has them) stay as unlinked rows without content until
         the caller frees them; an open handle keeps reading through the
-        object file descriptor it already has.
+        object file descriptor it already has.  Names come back parents
+        first, so the caller can invalidate them deepest first.  The cost is
+        that of the rows removed (indexed), whatever the size of the store.
         """
         row = self.db.execute(
             "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
@@ -693,6 +824,7 @@ class Index:
         if row is None:
             return result
         key, root = row
+        others: set[int] = set()
         with self.transaction():
             if key.startswith(b"d"):
                 names = self.db.execute(
@@ -705,7 +837,6 @@ class Index:
                 top_parent = self.parent_of(root)
                 if top_parent is not None:
                     self._touch_dir(top_parent, time.time_ns(), nlink_delta=-1)
-                self._dir_paths.clear()
             else:
                 names = self.db.execute(
                     "SELECT e.parent, e.name, e.inode FROM inodes i "
@@ -714,10 +845,14 @@ class Index:
                 ).fetchall()
             for parent, name, ino in names:
                 self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
-                digest, size = self.db.execute(
-                    "UPDATE inodes SET nlink=0, entry=NULL WHERE id=? RETURNING object, size",
+                digest, size, entry = self.db.execute(
+                    "UPDATE inodes SET nlink=0, entry=NULL WHERE id=? "
+                    "RETURNING object, size, entry",
                     (ino,),
                 ).fetchone()
+                self._dir_paths.pop(ino, None)
+                if entry is not None and entry != entry_id:
+                    others.add(entry)  # moved in under this directory: goes with it
                 result.names.append((parent, name, ino))
                 before = self.stored_bytes
                 if held(ino):
@@ -733,6 +868,8 @@ class Index:
                     result.unused_objects.append(unused)
                     result.bytes_freed += before - self.stored_bytes
             self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+            for other in others:
+                self._drop_cache_entry_if_empty(other)
         return result
 
     # -- counters ---------------------------------------------------------
@@ -752,6 +889,10 @@ class Index:
 
 
 _S_IFMT = 0o170000
+# Recency is kept in unix nanoseconds; anything below this (1970-01-02 in ns)
+# is a value from the days of whole seconds.
+_NS_FLOOR = 10**14
+_NS_MAX = (1 << 63) - 1
 _SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"})
 
 

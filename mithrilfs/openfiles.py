@@ -48,6 +48,10 @@ class OpenInode:
     # Bumped on every change to the staging file; a seal whose hash was taken
     # before a change must not publish it.
     generation: int = 0
+    # A write or truncate past the cap was refused (EFBIG): the unsealed
+    # changes are dropped instead of sealed, so that the part of a file that
+    # can never fit neither lands in the store nor evicts what is there.
+    oversized: bool = False
     seal_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -59,6 +63,9 @@ class OpenInode:
 class Handle:
     inode: OpenInode
     writable: bool
+    # Changed the file since its last seal: its close must seal, even while
+    # other writable handles (a lock holder, say) stay open.
+    changed: bool = False
 
 
 class OpenFiles:
@@ -68,7 +75,7 @@ class OpenFiles:
         store: ContentStore,
         *,
         max_file_size: int | None = None,
-        on_sealed: Callable[[int, bool], None] = lambda size, new_object: None,
+        on_sealed: Callable[[int, int, bool], None] = lambda ino, size, new_object: None,
     ) -> None:
         self.index = index
         self.store = store
@@ -116,17 +123,12 @@ class OpenFiles:
         cost is one blake3 pass over each object the first time it is opened.
         """
         state = self._handles[fh].inode
-        digest, fd = state.digest, state.object_fd
-        if state.staged or digest is None or fd is None or digest in self._verified:
+        digest = state.digest
+        if state.staged or digest is None or digest in self._verified:
             return None
-        if state.size <= INLINE_HASH_LIMIT:
-            actual, _size = hash_fd(fd)
-        else:
-            actual, _size = await trio.to_thread.run_sync(hash_fd, fd)
-        if actual != digest:
-            return digest
-        self._verified.add(digest)
-        return None
+        # object_intact hashes through a descriptor of its own: this state's
+        # may be closed and its number reused by a seal while the thread runs.
+        return None if await self.object_intact(digest) else digest
 
     async def object_intact(self, digest: bytes) -> bool:
         """True when the stored object matches its name (checked once per daemon)."""
@@ -158,6 +160,10 @@ class OpenFiles:
         """Bytes held in staging files (they count against the cap)."""
         return sum(state.size for state in self._inodes.values() if state.staged)
 
+    def largest_staged(self) -> int:
+        """The size of the largest file being written (eviction lets it exceed the cap)."""
+        return max((state.size for state in self._inodes.values() if state.staged), default=0)
+
     def is_being_written(self, ino: int) -> bool:
         state = self._inodes.get(ino)
         return state is not None and (state.writers > 0 or state.staged)
@@ -185,10 +191,13 @@ class OpenFiles:
 
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
-        # Only the last writable handle seals at close; with other writers
-        # still active, sealing now would only force a copy on their next write.
-        if handle.writable and handle.inode.writers == 1:
+        # A close() that returned promises durable bytes, so a handle that
+        # changed the file seals it.  The last writer seals too (its changes
+        # may have come through another handle).  Another writer still busy
+        # pays a copy on its next write; that is the price of the promise.
+        if handle.writable and (handle.changed or handle.inode.writers == 1):
             await self.seal(handle.inode)
+            handle.changed = handle.inode.dirty
 
     async def fsync(self, fh: int) -> None:
         handle = self._handles[fh]
@@ -240,8 +249,10 @@ class OpenFiles:
         return os.pread(state.object_fd, size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        state = self._handles[fh].inode
-        self._check_size(offset + len(data))
+        handle = self._handles[fh]
+        handle.changed = True
+        state = handle.inode
+        self._check_size(state, offset + len(data))
         self._stage(state)
         assert state.staging_fd is not None
         written = os.pwrite(state.staging_fd, data, offset)
@@ -251,6 +262,8 @@ class OpenFiles:
 
     async def truncate(self, ino: int, size: int, fh: int | None) -> None:
         """Set a file's size, by handle (ftruncate) or by path (truncate)."""
+        if fh is not None:
+            self._handles[fh].changed = True
         state = self._handles[fh].inode if fh is not None else self._inodes.get(ino)
         if state is not None:
             self._truncate_staged(state, size)
@@ -264,17 +277,31 @@ class OpenFiles:
         finally:
             await self.release(fh)
 
-    def _check_size(self, size: int) -> None:
+    def _check_size(self, state: OpenInode, size: int) -> None:
         if self.max_file_size is not None and size > self.max_file_size:
+            state.oversized = True
             raise FsError(errno.EFBIG, "a file larger than the store's cap")
 
     def _truncate_staged(self, state: OpenInode, size: int) -> None:
-        self._check_size(size)
+        self._check_size(state, size)
         self._stage(state, keep=min(size, state.size))
         assert state.staging_fd is not None
         os.ftruncate(state.staging_fd, size)
         state.size = size
+        state.oversized = False  # what follows a successful truncate is well defined again
         self._changed(state)
+
+    def _discard_staged(self, state: OpenInode) -> None:
+        """Drop unsealed changes: the file keeps its last sealed content."""
+        if state.staging_fd is not None:
+            os.close(state.staging_fd)
+        if state.staging_path is not None:
+            state.staging_path.unlink(missing_ok=True)
+        state.staging_fd, state.staging_path = None, None
+        node = self.index.get(state.ino)
+        state.size, state.mtime_ns = node.size, node.mtime_ns
+        state.dirty, state.oversized = False, False
+        state.generation += 1
 
     def _stage(self, state: OpenInode, keep: int | None = None) -> None:
         """Give *state* a private staging copy holding its first *keep* bytes."""
@@ -302,6 +329,9 @@ class OpenFiles:
     async def seal(self, state: OpenInode) -> None:
         """Turn the staging copy into an object and point the inode at it."""
         async with state.seal_lock:
+            if state.oversized:
+                self._discard_staged(state)
+                return
             while state.dirty and state.staging_fd is not None:
                 if self.index.get(state.ino).nlink == 0:
                     return  # unlinked: nobody can see this content again
@@ -338,4 +368,4 @@ class OpenFiles:
             os.close(state.object_fd)
         state.object_fd = self.store.open_object(digest)
         state.digest, state.size, state.dirty = digest, size, False
-        self._on_sealed(size, new_object)
+        self._on_sealed(state.ino, size, new_object)

@@ -4,8 +4,10 @@ One daemon (or one offline command such as fsck) holds a store at a time;
 the lock file records its pid so that a second one can say who holds it.
 Opening a store also recovers it from an unclean shutdown: staging files of
 writers that never finished are dropped, inodes that were unlinked while
-open are freed, and object files that no row refers to (a crash between the
-rename into objects/ and the index commit) are removed.
+open are freed, and the quick form of fsck (rows against files, refcounts,
+the tree; no re-hashing) runs and repairs what it finds, such as object
+files that no row refers to (a crash between the rename into objects/ and
+the index commit).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mithrilfs import fsck
 from mithrilfs.errors import UserError
 from mithrilfs.index import Index
 from mithrilfs.store import ContentStore
@@ -57,6 +60,8 @@ class Recovery:
     staging_removed: int = 0
     inodes_freed: int = 0
     orphans_removed: int = 0
+    problems_repaired: int = 0  # by the quick check, orphans included
+    problems_left: int = 0
 
 
 class Repository:
@@ -105,29 +110,40 @@ class Repository:
             if unused is not None:
                 self.content.delete(unused)
             recovery.inodes_freed += 1
-        if recovery.unclean:
-            recovery.orphans_removed = self.remove_orphan_objects()
         # File first, then the row that points at it.
         self.content.ensure_empty_object()
         self.index.ensure_empty_object()
+        if recovery.unclean:
+            self._quick_check(recovery)
         if recovery.unclean or recovery.staging_removed or recovery.inodes_freed:
             log.warning(
                 "recovered store %s after an unclean shutdown: %d unfinished writes dropped, "
-                "%d unlinked files freed, %d orphan objects removed",
+                "%d unlinked files freed, %d orphan objects removed, %d problems repaired",
                 self.root,
                 recovery.staging_removed,
                 recovery.inodes_freed,
                 recovery.orphans_removed,
+                recovery.problems_repaired,
             )
         return recovery
 
-    def remove_orphan_objects(self) -> int:
-        removed = 0
-        for digest, path in self.content.iter_objects():
-            if digest is None or self.index.object_size(digest) is None:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+    def _quick_check(self, recovery: Recovery) -> None:
+        """fsck without re-hashing, repairing what it finds (after an unclean shutdown)."""
+        log.info("store %s was not shut down cleanly; checking it (no re-hashing)", self.root)
+        report = fsck.check(self.index, self.content, verify_hashes=False)
+        for problem in report.problems:
+            log.warning("recovery: %s: %s", problem.kind, problem.detail)
+        fsck.repair(report)
+        recovery.orphans_removed = sum(p.repaired for p in report.problems if p.kind == "orphan")
+        recovery.problems_repaired = report.repaired
+        recovery.problems_left = len(report.problems) - report.repaired
+        if recovery.problems_left:
+            log.error(
+                "store %s: %d problems need 'mithrilfs fsck --repair --store %s' (unmounted)",
+                self.root,
+                recovery.problems_left,
+                self.root,
+            )
 
     def mark_in_use(self) -> None:
         with self.index.transaction():

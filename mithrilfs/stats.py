@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ GAUGES: dict[str, str] = {
     "remote_publish_backlog": "Objects waiting to be published to the shared tier",
 }
 
+# Saved with the gauges but not exported: when the daemon last saved, so that
+# `mithrilfs stats` can tell fresh numbers from those of a daemon that died
+# (and tests can wait for a save that follows what they did).
+SAVED_AT_GAUGE = "saved_at_ms"
+
 LabelKey = tuple[tuple[str, str], ...]
 
 
@@ -59,6 +65,10 @@ class Stats:
 
     def set_gauge(self, name: str, value: int) -> None:
         self.gauges[name] = value
+
+    def mark_saved(self) -> None:
+        """Stamp the values about to be saved; call before reading the counters."""
+        self.gauges[SAVED_AT_GAUGE] = time.time_ns() // 1_000_000
 
     def rows(self) -> Iterator[tuple[str, str, int]]:
         """(name, labels as JSON, value) rows for saving, device class included."""
@@ -117,10 +127,14 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         )
 
     layouts: dict[str, dict[str, int]] = {}
+    opens_by_layout: dict[str, int] = {}
     for name, labels, value in snapshot.counters:
         if name == "lookups_total":
             layout = layouts.setdefault(labels.get("layout", "other"), {"hit": 0, "miss": 0})
             layout[labels.get("result", "miss")] += value
+        elif name == "opens_total":
+            key = labels.get("layout", "other")
+            opens_by_layout[key] = opens_by_layout.get(key, 0) + value
     hits, misses = total("lookups_total", result="hit"), total("lookups_total", result="miss")
     gauges = snapshot.gauges
     logical, stored = gauges.get("logical_bytes", 0), gauges.get("store_bytes", 0)
@@ -137,6 +151,7 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
             },
         },
         "opens": total("opens_total"),
+        "opens_by_layout": dict(sorted(opens_by_layout.items())),
         "read_bytes": total("read_bytes_total"),
         "files_sealed": total("files_sealed_total"),
         "dedup_hits": total("dedup_hits_total"),
@@ -158,10 +173,12 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         "entries": gauges.get("entries", 0),
         "cap_bytes": gauges.get("cap_bytes", 0),
         "used_fraction": _ratio(stored, gauges.get("cap_bytes", 0)),
+        # Unix seconds of the daemon's last save (None: never saved).
+        "saved_at": gauges[SAVED_AT_GAUGE] / 1000 if SAVED_AT_GAUGE in gauges else None,
     }
 
 
-def render_text(summary: Mapping[str, Any]) -> str:
+def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
     lookups = summary["lookups"]
     lines = [
         f"hit rate      {_percent(lookups['hit_rate'])}  "
@@ -191,7 +208,17 @@ def render_text(summary: Mapping[str, Any]) -> str:
             f"{remote['errors']} errors, {human_bytes(remote['fetched_bytes'])} fetched, "
             f"backlog {remote['publish_backlog']}"
         )
+    lines.append(f"saved         {_age(summary.get('saved_at'), now)}")
     return "\n".join(lines) + "\n"
+
+
+def _age(saved_at: float | None, now: float | None) -> str:
+    """When the numbers were saved: a daemon saves every second while it serves."""
+    if saved_at is None:
+        return "never (no daemon has served this store yet)"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved_at))
+    age = max(0.0, (time.time() if now is None else now) - saved_at)
+    return f"{stamp} ({age:.0f} s ago)"
 
 
 def _ratio(numerator: int, denominator: int) -> float:

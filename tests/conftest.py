@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from mithrilfs import fsck
+from mithrilfs.mounts import is_stale
 from mithrilfs.repository import Repository
 
 MOUNT_DEADLINE = 30.0
@@ -78,7 +79,9 @@ class Mount:
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         proc = self.proc
         wait_for(
-            lambda: os.path.ismount(self.mountpoint),
+            # ismount alone is fooled by a stale mount (the kernel answers from
+            # its attribute cache); statvfs always reaches the daemon.
+            lambda: os.path.ismount(self.mountpoint) and not is_stale(self.mountpoint),
             MOUNT_DEADLINE,
             f"mount at {self.mountpoint}",
             alive=lambda: proc.poll() is None,

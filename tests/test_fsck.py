@@ -15,6 +15,7 @@ what it finds, logging each problem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -24,7 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -405,7 +406,7 @@ def test_fsck_shows_progress_on_a_terminal_only(store: Path) -> None:
 
 
 @pytest.fixture
-def killed_mount(make_mount) -> Iterator[Mount]:  # type: ignore[no-untyped-def]
+def killed_mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
     """A mount with TREE in it whose daemon was SIGKILLed (store left marked unclean)."""
     mount: Mount = make_mount("--device-class", DEVICE_CLASS)
     write_tree(mount.mountpoint, TREE)
@@ -415,11 +416,9 @@ def killed_mount(make_mount) -> Iterator[Mount]:  # type: ignore[no-untyped-def]
     busy.flush()
     assert list((mount.store / "staging").iterdir()), "the busy file should be staged"
     mount.kill()
-    try:
+    with contextlib.suppress(OSError):  # ENOTCONN: the daemon is gone
         busy.close()
-    except OSError:
-        pass  # ENOTCONN: the daemon is gone
-    yield mount
+    return mount
 
 
 def recovery_lines(mount: Mount) -> list[str]:

@@ -6,7 +6,6 @@ test_posix.py and test_cli.py; files larger than the cap in test_eviction.py.)
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -40,9 +39,8 @@ def test_deep_paths(mount) -> None:
     too_deep = path
     while len(os.fsencode(too_deep)) < 4200:
         too_deep = too_deep / ("x" * 200)
-    with pytest.raises(OSError) as failure:
+    with pytest.raises(OSError, match="File name too long"):
         too_deep.mkdir(parents=True)
-    assert failure.value.errno == errno.ENAMETOOLONG
 
 
 def test_full_backing_disk_gives_enospc_and_nothing_else_breaks(make_mount, small_disk) -> None:
@@ -50,11 +48,15 @@ def test_full_backing_disk_gives_enospc_and_nothing_else_breaks(make_mount, smal
     keep = mount / "triton" / "keep"
     keep.write_bytes(b"k" * 1000)
     big = mount / "triton" / "big"
-    with pytest.raises(OSError) as failure, big.open("wb") as out:
-        for _ in range(16):
-            out.write(os.urandom(512 * 1024))
-            out.flush()
-    assert failure.value.errno == errno.ENOSPC
+
+    def fill() -> None:
+        with big.open("wb") as out:
+            for _ in range(16):
+                out.write(os.urandom(512 * 1024))
+                out.flush()
+
+    with pytest.raises(OSError, match="No space left on device"):
+        fill()
     # The mount still serves, the other file is intact, and once the writer's
     # file is gone there is room again.
     assert keep.read_bytes() == b"k" * 1000
