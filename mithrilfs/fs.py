@@ -39,6 +39,7 @@ from mithrilfs.index import (
 )
 from mithrilfs.layouts import OTHER_LAYOUT, layout_of
 from mithrilfs.openfiles import OpenFiles
+from mithrilfs.remote import Remote
 from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
 
@@ -109,6 +110,7 @@ class Operations(pyfuse3.Operations):
         cap: int,
         max_age: float | None = None,
         read_only: bool = False,
+        remote: Remote | None = None,
     ):
         super().__init__()
         self.index = index
@@ -123,6 +125,7 @@ class Operations(pyfuse3.Operations):
             cap,
             max_age=max_age,
             staged_bytes=self.files.staged_bytes,
+            largest_staged=self.files.largest_staged,
             is_busy=self.files.is_being_written,
             is_held=self._is_held,
             on_removed=self._evicted,
@@ -136,6 +139,18 @@ class Operations(pyfuse3.Operations):
         self.dir_handles = 0
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
+        # The shared tier, consulted on a local miss; with it, a name the
+        # kernel was told is missing may appear without passing through the
+        # kernel, so negative lookups are cached only briefly.
+        self.remote = remote
+        self.negative_timeout = NEGATIVE_TIMEOUT if remote is None else remote.negative_ttl
+        if remote is not None:
+            remote.attach(
+                is_busy=self.files.is_being_written,
+                stored=self._grew,
+                appeared=self._appeared,
+                cap=cap,
+            )
 
     # -- inode numbers and attributes ---------------------------------------
 
@@ -182,12 +197,26 @@ class Operations(pyfuse3.Operations):
         return self.layouts.get(parent, OTHER_LAYOUT)
 
     def _is_held(self, ino: int) -> bool:
-        return ino in self.lookups or self.files.is_open(ino)
+        """Asked by eviction before it drops *ino*'s content."""
+        if self.files.is_open(ino):
+            self.files.pin(ino)  # an open file keeps reading after its object is deleted
+            return True
+        return ino in self.lookups
 
-    def _sealed(self, size: int, new_object: bool) -> None:
+    def _sealed(self, ino: int, size: int, new_object: bool) -> None:
         self.stats.inc("files_sealed_total")
         if not new_object:
             self.stats.inc("dedup_hits_total")
+        if self.remote is not None:
+            self.remote.notify(ino)
+        self._grew()
+
+    def _appeared(self, parent: int, name: bytes) -> None:
+        """A name came from the shared tier: drop a negative entry the kernel may hold."""
+        pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
+
+    def _grew(self) -> None:
+        """The store took in content (a seal, a fetch from the shared tier)."""
         if self.evictor.over_cap():
             self.evictor.wake()
 
@@ -219,15 +248,24 @@ class Operations(pyfuse3.Operations):
         self.evictor.remove_entries(self.index.entries_using(digest), "integrity")
         self._maybe_free(ino)
 
-    def _evicted(self, removed: EvictedEntry) -> None:
-        """Tell the kernel about every name eviction removed (queued, never blocking)."""
-        self.stats.inc("evictions_total", reason="cap")
+    def _evicted(self, removed: EvictedEntry, reason: str) -> None:
+        """Count an eviction (cap, max_age, gc, evict, integrity) and tell the kernel.
+
+        Every name it removed is invalidated through pyfuse3's queue, never
+        blocking this request; the name must vanish now, not when the kernel's
+        one-hour entry timeout runs out.
+        """
+        self.stats.inc("evictions_total", reason=reason)
         self.stats.inc("evicted_bytes_total", removed.bytes_freed)
         # Deepest names first.  A plain invalidation (no "deleted" inode):
         # asking the kernel to delete a directory dentry fails with ENOTEMPTY
-        # while it still caches children, negative ones included.
-        for parent, name, _ino in reversed(removed.names):
-            pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
+        # while it still caches children, negative ones included.  Only names
+        # the kernel holds: it has no entry for an inode it never looked up,
+        # and before the FUSE handshake (eviction at mount, after the cap was
+        # lowered) libfuse refuses every notification with ENOSYS.
+        for parent, name, ino in reversed(removed.names):
+            if ino in self.lookups:
+                pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -266,11 +304,13 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.ENAMETOOLONG)
         layout = self._layout_below(parent, name)
         node = self.index.lookup(parent, name)
+        if node is None and self.remote is not None:
+            node = await self.remote.lookup(parent, name, ctx.uid, ctx.gid)
         if node is None:
             self.stats.inc("lookups_total", result="miss", layout=layout)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = pyfuse3.InodeT(0)
-            negative.entry_timeout = NEGATIVE_TIMEOUT
+            negative.entry_timeout = self.negative_timeout
             return negative
         if node.entry is not None and not await self._entry_intact(node.entry):
             self.stats.inc("lookups_total", result="miss", layout=layout)
@@ -439,6 +479,9 @@ class Operations(pyfuse3.Operations):
         )
         if replaced is not None:
             self._maybe_free(replaced.id)
+        if self.remote is not None:
+            # Compilers write under a temporary name and rename into place.
+            self.remote.notify_renamed(self._ino(parent_inode_new), name_new)
 
     # -- directories ----------------------------------------------------------
 
@@ -511,7 +554,7 @@ class Operations(pyfuse3.Operations):
         if not node.is_file:
             raise FsError(errno.EISDIR)
         try:
-            fh = self.files.open(ino, flags)
+            fh = self.files.open(ino, flags, node)
         except FileNotFoundError:
             assert node.object is not None
             self._drop_corrupt(node.object, ino)  # its object file is gone

@@ -198,7 +198,7 @@ class Index:
         index = cls(db)
         index._ensure_super_root()
         index._migrate_recency_to_ns()
-        index.recount()
+        index._load_totals()
         return index
 
     def recount(self) -> None:
@@ -225,7 +225,32 @@ class Index:
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(row[0]) if row else None
 
+    def _load_totals(self) -> None:
+        """The running totals: saved by the last close, or recounted.
+
+        Recounting scans every inode, which would make mounting grow with the
+        store.  The saved totals are deleted as soon as they are read, so a
+        process that dies before its close() leaves none and the next open
+        recounts.
+        """
+        saved = self.get_meta("totals")
+        if not isinstance(saved, str):
+            self.recount()
+            return
+        with self.transaction():
+            self.db.execute("DELETE FROM meta WHERE key='totals'")
+        self.stored_bytes, self.object_count, self.logical_bytes = (
+            int(part) for part in saved.split(",")
+        )
+
     def close(self) -> None:
+        try:
+            with self.transaction():
+                self.set_meta(
+                    "totals", f"{self.stored_bytes},{self.object_count},{self.logical_bytes}"
+                )
+        except sqlite3.Error:
+            pass  # read-only or full: the next open recounts
         self.db.close()
 
     @contextmanager

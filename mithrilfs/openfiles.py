@@ -16,6 +16,7 @@ the store even if the daemon is killed a moment later.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import trio
 
 from mithrilfs.errors import FsError
-from mithrilfs.index import Index
+from mithrilfs.index import Index, Inode
 from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
 
 
@@ -168,16 +169,17 @@ class OpenFiles:
         state = self._inodes.get(ino)
         return state is not None and (state.writers > 0 or state.staged)
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, node: Inode | None = None) -> int:
         state = self._inodes.get(ino)
         if state is None:
-            node = self.index.get(ino)
+            if node is None:
+                node = self.index.get(ino)
             if node.object is None:
                 raise FsError(errno.ENOENT)  # evicted while the kernel still knew its name
-            # Opened now, not at the first read: eviction may delete the
-            # object file while this handle is open, and the fd keeps it alive.
-            object_fd = self.store.open_object(node.object)
-            state = OpenInode(ino, node.object, node.size, node.mtime_ns, object_fd=object_fd)
+            # The object file is opened at the first read: a warm open is
+            # usually served from the page cache and never reads.  Eviction
+            # pins open files first (see pin), so their bytes stay reachable.
+            state = OpenInode(ino, node.object, node.size, node.mtime_ns)
             self._inodes[ino] = state
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         state.handles += 1
@@ -188,6 +190,13 @@ class OpenFiles:
         if writable and flags & os.O_TRUNC:
             self._truncate_staged(state, 0)
         return fh
+
+    def pin(self, ino: int) -> None:
+        """Hold the object file of an open inode, before eviction deletes it."""
+        state = self._inodes.get(ino)
+        if state is not None and state.object_fd is None and state.digest is not None:
+            with contextlib.suppress(FileNotFoundError):  # already gone: nothing to keep
+                state.object_fd = self.store.open_object(state.digest)
 
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]

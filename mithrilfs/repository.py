@@ -134,6 +134,7 @@ class Repository:
         for problem in report.problems:
             log.warning("recovery: %s: %s", problem.kind, problem.detail)
         fsck.repair(report)
+        self.index.recount()  # repairs change rows behind the running totals
         recovery.orphans_removed = sum(p.repaired for p in report.problems if p.kind == "orphan")
         recovery.problems_repaired = report.repaired
         recovery.problems_left = len(report.problems) - report.repaired
@@ -154,6 +155,10 @@ class Repository:
         if clean is not None:
             with self.index.transaction():
                 self.index.set_meta("clean_shutdown", 1 if clean else 0)
+        else:
+            # Offline commands (fsck --repair, import, gc) may change rows
+            # behind the running totals that close() saves.
+            self.index.recount()
         self.index.close()
         os.close(self._lock_fd)
 

@@ -50,6 +50,7 @@ class ContentStore:
         self.root = root
         self.objects_dir = root / "objects"
         self.staging_dir = root / "staging"
+        self._objects_str = os.fspath(self.objects_dir)
         self._staging_names = itertools.count()
 
     def create_dirs(self) -> None:
@@ -70,7 +71,10 @@ class ContentStore:
         return self.object_path(digest).exists()
 
     def open_object(self, digest: bytes) -> int:
-        return os.open(self.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        # On the open path of every cache hit: plain strings, no pathlib.
+        hexname = digest.hex()
+        path = f"{self._objects_str}/{hexname[:2]}/{hexname[2:4]}/{hexname}"
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def new_staging(self, inode: int) -> tuple[Path, int]:
         """Create an empty staging file for *inode*; return its path and a rw fd."""

@@ -16,10 +16,12 @@ Workloads (``--workloads``, comma-separated; default all):
   torch_mlp, torch_transformer
       torch.compile on CPU, whole-process wall time of a fresh python process
       with TORCHINDUCTOR_CACHE_DIR/TRITON_CACHE_DIR on the directory under
-      test: cold (empty cache) then warm (a second fresh process).
+      test: cold (empty cache), warm (a second fresh process), and "remount"
+      (a third process after the mount was restarted: the first job after a
+      daemon restart; natively just a third warm run).
   triton
       triton.compile of four small kernels for sm80 and sm90 (no GPU needed),
-      cold then warm, fresh processes.
+      cold, warm and remount as above, fresh processes.
   tree
       a synthetic compiler-cache tree (``ab/<64 hex>/file``, 1 KiB-2 MiB):
       stat of every file, stat of missing names, open+read+close of every
@@ -34,7 +36,8 @@ Workloads (``--workloads``, comma-separated; default all):
       a store built offline with 10^4, 10^5 (and 10^6 unless --quick) empty
       files, mounted with the daemon form of ``mithrilfs mount``: start-up
       time (until the command returns, i.e. until the mount is ready), stat
-      latency of random existing files, and the daemon's RSS.
+      latency of random existing files (one LOOKUP each), the daemon's RSS
+      and its CPU use while idle.
 
 Mounts are always unmounted in ``finally`` (fusermount3 -u, then -uz and
 SIGKILL of the daemon if it does not exit); the run ends by checking
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -84,7 +88,7 @@ DEFAULTS = {
         "torch_transformer": (3, 1),
         "triton": (5, 1),
         "tree": (5, 1),
-        "scale": (3, 1),
+        "scale": (5, 1),
         "tree_files": 3000,
         "missing_names": 2000,
         "write_entries": 300,
@@ -308,7 +312,25 @@ class Mount:
         self.starts = 0
         self.mountpoint.mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> Mount:
+    def start(self, attempts: int = 2) -> Mount:
+        """Mount; a daemon that dies before the mount is ready is retried once."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError as exc:
+                if attempt + 1 == attempts:
+                    raise
+                log(f"  mount failed, retrying: {exc}")
+        raise AssertionError("unreachable")
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = ""
+        for path in (self.log, self.log.with_suffix(".stderr")):
+            with suppress(OSError):
+                text += "".join(path.read_text(errors="replace").splitlines(True)[-lines:])
+        return text.strip()
+
+    def _start_once(self) -> Mount:
         assert self.proc is None
         command = [PYTHON]
         if self.profile_dir is not None:
@@ -341,8 +363,7 @@ class Mount:
                 code = self.proc.returncode
                 self.proc = None
                 raise RuntimeError(
-                    f"mithrilfs exited ({code}) before mounting; "
-                    f"see {self.log} and {self.log.with_suffix('.stderr')}"
+                    f"mithrilfs exited ({code}) before mounting; its log ends:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
@@ -424,6 +445,28 @@ def daemon_unmount(mountpoint: Path, store: Path) -> None:
         raise RuntimeError(f"daemon for {mountpoint} did not stop cleanly")
 
 
+IDLE_WINDOW_S = 2.0
+
+
+def cpu_percent(pid: int | None, window: float) -> float:
+    """CPU used by *pid* over the next *window* seconds, in percent of one core."""
+
+    def ticks() -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    if pid is None:
+        return float("nan")
+    try:
+        t0, c0 = time.monotonic(), ticks()
+        time.sleep(window)
+        t1, c1 = time.monotonic(), ticks()
+    except OSError:
+        return float("nan")
+    return 100.0 * (c1 - c0) / os.sysconf("SC_CLK_TCK") / (t1 - t0)
+
+
 def rss_kib(pid: int | None) -> dict[str, int]:
     out: dict[str, int] = {}
     if pid is None:
@@ -490,10 +533,10 @@ def bench_compile(
                 root = base / f"{workload}-native-{rep}"
                 for sub in ("inductor", "triton"):
                     (root / sub).mkdir(parents=True)
-                runs = _compile_pair(script, args, root)
+                runs = _compile_runs(script, args, root, lambda: None)
             else:
                 with mounted(base, f"{workload}-{rep}", profile_dir=profile_dir) as mount:
-                    runs = _compile_pair(script, args, mount.mountpoint)
+                    runs = _compile_runs(script, args, mount.mountpoint, mount.remount)
             for phase, (wall, info) in runs.items():
                 log(
                     f"  {workload} rep {rep}{'' if kept else ' (warm-up)'} {side:6} {phase}: "
@@ -505,16 +548,30 @@ def bench_compile(
                         results.add(
                             workload, "compile (in-process)", phase, "s", side, info["compile_s"]
                         )
-            if workload != "triton":
-                hits = runs["warm"][1].get("inductor", {}).get("fxgraph_cache_hit", 0)
+            for phase in ("warm", "remount"):
+                if workload == "triton":
+                    break
+                hits = runs[phase][1].get("inductor", {}).get("fxgraph_cache_hit", 0)
                 if not hits:
-                    log(f"  WARNING: {workload} warm run on {side} had no fxgraph cache hit")
-                    results.notes.setdefault("warm_misses", []).append(f"{workload}/{side}/{rep}")
+                    log(f"  WARNING: {workload} {phase} run on {side} had no fxgraph cache hit")
+                    results.notes.setdefault("warm_misses", []).append(
+                        f"{workload}/{side}/{phase}/{rep}"
+                    )
 
 
-def _compile_pair(script: str, args: list[str], root: Path) -> dict[str, tuple[float, dict]]:
+def _compile_runs(
+    script: str, args: list[str], root: Path, remount: Callable[[], None]
+) -> dict[str, tuple[float, dict]]:
+    """cold: empty cache; warm: a second process; remount: a third, after a fresh mount.
+
+    "remount" is the first job after the daemon restarted (node reboot,
+    upgrade): on the native side it is just a third warm process.
+    """
     env = cache_env(root)
-    return {"cold": run_python(script, args, env), "warm": run_python(script, args, env)}
+    runs = {"cold": run_python(script, args, env), "warm": run_python(script, args, env)}
+    remount()
+    runs["remount"] = run_python(script, args, env)
+    return runs
 
 
 # -- the synthetic cache tree ----------------------------------------------------
@@ -822,92 +879,45 @@ def scale_names(n_files: int, per_leaf: int = 4) -> Iterator[tuple[str, str, str
 
 
 def build_scale_store(store: Path, device_class: str, n_files: int) -> dict[str, object]:
-    """Write an index with *n_files* empty files straight into a new store.
+    """Fill a new store's index with *n_files* empty files, offline, through its own API.
 
-    Follows mithrilfs/index.py: one inode row and one entries row per node,
-    directory nlink = 2 + subdirectories, every file refers to the empty
-    object whose refcount counts them.  The tree is
-    ``<class>/inductor/scale/ab/<64 hex>/kN.json``.
+    Uses ``Index.make_node`` (what the daemon's create/mkdir do), so the
+    store follows every invariant of the current schema (cache entries
+    included) without this script knowing it; all files share the empty
+    object.  The tree is ``<class>/inductor/ab/<64 hex>/kN.json``: one
+    inductor code-cache directory (one cache entry) per leaf.  Committed in
+    batches of ~200k files.
     """
-    from mithrilfs.index import DIR_SIZE
     from mithrilfs.repository import Repository
-    from mithrilfs.store import EMPTY_DIGEST
 
     t0 = time.perf_counter()
     uid, gid = os.geteuid(), os.getegid()
+    dir_mode, file_mode = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644
     repo = Repository.open(store)
+    dirs: dict[str, int] = {}
     try:
         repo.recover()
         idx = repo.index
-        db = idx.db
         class_root = idx.ensure_dir(1, device_class.encode(), 0o755, uid, gid)
         inductor = idx.ensure_dir(class_root.id, b"inductor", 0o755, uid, gid)
         idx.ensure_dir(class_root.id, b"triton", 0o755, uid, gid)
-        scale_root = idx.ensure_dir(inductor.id, b"scale", 0o755, uid, gid)
-
-        tops: dict[str, list[str]] = {}
-        leaf_files: dict[str, list[str]] = {}
-        for top, leaf, name in scale_names(n_files):
-            if leaf not in leaf_files:
-                leaf_files[leaf] = []
-                tops.setdefault(top, []).append(leaf)
-            leaf_files[leaf].append(name)
-
-        now = time.time_ns()
-        dir_mode = stat.S_IFDIR | 0o755
-        file_mode = stat.S_IFREG | 0o644
-        with idx.transaction():
-            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name='inodes'").fetchone()
-            top_id = db.execute("SELECT max(id) FROM inodes").fetchone()[0]
-            next_id = max(seq[0] if seq else 0, top_id or 0) + 1
-            inode_rows: list[tuple] = []
-            entry_rows: list[tuple] = []
-
-            def flush() -> None:
-                db.executemany(
-                    "INSERT INTO inodes(id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, "
-                    "ctime_ns, object, target) VALUES (?,?,?,?,?,?,?,?,?,?,NULL)",
-                    inode_rows,
-                )
-                db.executemany(
-                    "INSERT INTO entries(parent, name, inode) VALUES (?,?,?)", entry_rows
-                )
-                inode_rows.clear()
-                entry_rows.clear()
-
-            for top in sorted(tops):
-                top_ino = next_id
-                next_id += 1
-                leaves = sorted(tops[top])
-                inode_rows.append(
-                    (top_ino, dir_mode, uid, gid, 2 + len(leaves), DIR_SIZE, now, now, now, None)
-                )
-                entry_rows.append((scale_root.id, top.encode(), top_ino))
-                for leaf in leaves:
-                    leaf_ino = next_id
-                    next_id += 1
-                    inode_rows.append(
-                        (leaf_ino, dir_mode, uid, gid, 2, DIR_SIZE, now, now, now, None)
-                    )
-                    entry_rows.append((top_ino, leaf.encode(), leaf_ino))
-                    for name in leaf_files[leaf]:
-                        inode_rows.append(
-                            (next_id, file_mode, uid, gid, 1, 0, now, now, now, EMPTY_DIGEST)
-                        )
-                        entry_rows.append((leaf_ino, name.encode(), next_id))
-                        next_id += 1
-                if len(inode_rows) > 200_000:
-                    flush()
-            flush()
-            db.execute(
-                "UPDATE inodes SET nlink = nlink + ?, mtime_ns=?, ctime_ns=? WHERE id=?",
-                (len(tops), now, now, scale_root.id),
-            )
-            db.execute(
-                "INSERT INTO objects(hash, size, refcount) VALUES (?, 0, ?) "
-                "ON CONFLICT(hash) DO UPDATE SET refcount = refcount + excluded.refcount",
-                (EMPTY_DIGEST, n_files),
-            )
+        names = scale_names(n_files)
+        done = 0
+        while done < n_files:
+            with idx.transaction():
+                for top, leaf, name in itertools.islice(names, 200_000):
+                    top_ino = dirs.get(top)
+                    if top_ino is None:
+                        top_ino = dirs[top] = idx.make_node(
+                            inductor.id, top.encode(), dir_mode, uid, gid
+                        ).id
+                    leaf_ino = dirs.get(leaf)
+                    if leaf_ino is None:
+                        leaf_ino = dirs[leaf] = idx.make_node(
+                            top_ino, leaf.encode(), dir_mode, uid, gid
+                        ).id
+                    idx.make_node(leaf_ino, name.encode(), file_mode, uid, gid)
+                    done += 1
         checked: object = "skipped"
         if n_files <= 10_000:
             from mithrilfs import fsck
@@ -922,100 +932,134 @@ def build_scale_store(store: Path, device_class: str, n_files: int) -> dict[str,
     finally:
         repo.close(clean=True)
     db_bytes = sum(p.stat().st_size for p in store.glob("mithril.db*"))
+    tops = sum(1 for key in dirs if len(key) == 2)
     return {
         "build_s": time.perf_counter() - t0,
         "db_bytes": db_bytes,
         "fsck": checked,
-        "leaf_dirs": len(leaf_files),
-        "top_dirs": len(tops),
+        "leaf_dirs": len(dirs) - tops,
+        "top_dirs": tops,
     }
 
 
-def bench_scale(cfg: dict, base: Path, results: Results) -> None:
-    measured, warmup = cfg["scale"]
-    for n_files in cfg["scale_sizes"]:
-        name = f"scale-{n_files}"
-        store, mountpoint, log_file = (
-            base / f"{name}-store",
-            base / f"{name}-mnt",
-            base / f"{name}.log",
-        )
-        mountpoint.mkdir()
-        info = build_scale_store(store, BENCH_CLASS, n_files)
-        log(
-            f"scale {n_files}: built store in {info['build_s']:.1f}s "
-            f"({info['db_bytes'] / 2**20:.0f} MiB index, fsck {info['fsck']})"
-        )
-        # One file in each of distinct, randomly chosen leaf directories, so
-        # that every size does the same requests: with the top directories
-        # already looked up, stat(leaf) is one LOOKUP and stat(file) another.
-        by_leaf: dict[str, tuple[str, list[str]]] = {}
-        for top, leaf, fname in scale_names(n_files):
-            by_leaf.setdefault(leaf, (top, []))[1].append(fname)
-        rng = random.Random(5)
-        leaves = rng.sample(sorted(by_leaf), min(cfg["scale_samples"], len(by_leaf)))
-        scale_dir = mountpoint / "inductor" / "scale"
-        top_paths = sorted({os.fspath(scale_dir / by_leaf[leaf][0]) for leaf in leaves})
-        leaf_paths = [os.fspath(scale_dir / by_leaf[leaf][0] / leaf) for leaf in leaves]
-        paths = [
+@dataclass
+class ScaleStore:
+    files: int
+    store: Path
+    mountpoint: Path
+    log_file: Path
+    info: dict[str, object]
+    top_paths: list[str]
+    leaf_paths: list[str]
+    paths: list[str]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    first_startup: float | None = None
+
+
+def _prepare_scale(base: Path, n_files: int, samples: int) -> ScaleStore:
+    name = f"scale-{n_files}"
+    store, mountpoint = base / f"{name}-store", base / f"{name}-mnt"
+    mountpoint.mkdir()
+    info = build_scale_store(store, BENCH_CLASS, n_files)
+    log(
+        f"scale {n_files}: built store in {info['build_s']:.1f}s "
+        f"({info['db_bytes'] / 2**20:.0f} MiB index, fsck {info['fsck']})"
+    )
+    # One file in each of distinct, randomly chosen leaf directories, so that
+    # every size does the same requests: with the top directories already
+    # looked up, stat(leaf) is one LOOKUP and stat(file) another.
+    by_leaf: dict[str, tuple[str, list[str]]] = {}
+    for top, leaf, fname in scale_names(n_files):
+        by_leaf.setdefault(leaf, (top, []))[1].append(fname)
+    rng = random.Random(5)
+    leaves = rng.sample(sorted(by_leaf), min(samples, len(by_leaf)))
+    scale_dir = mountpoint / "inductor"
+    leaf_paths = [os.fspath(scale_dir / by_leaf[leaf][0] / leaf) for leaf in leaves]
+    return ScaleStore(
+        files=n_files,
+        store=store,
+        mountpoint=mountpoint,
+        log_file=base / f"{name}.log",
+        info=info,
+        top_paths=sorted({os.fspath(scale_dir / by_leaf[leaf][0]) for leaf in leaves}),
+        leaf_paths=leaf_paths,
+        paths=[
             os.path.join(lp, rng.choice(by_leaf[leaf][1]))
             for lp, leaf in zip(leaf_paths, leaves, strict=True)
-        ]
-        del by_leaf
-        startups, cold_p50, cold_p99, warm_p50, rss_idle, rss_after = [], [], [], [], [], []
-        dir_p50: list[float] = []
-        first_startup = None
-        try:
-            for rep in range(warmup + measured):
-                elapsed = daemon_mount(mountpoint, store, BENCH_CLASS, log_file)
-                try:
-                    pid = _holder_pid(store)
-                    idle = rss_kib(pid)
-                    stat_pass(top_paths)
-                    dirs = stat_pass(leaf_paths)
-                    cold = stat_pass(paths)
-                    warm = stat_pass(paths)
-                    after = rss_kib(pid)
-                finally:
-                    daemon_unmount(mountpoint, store)
-                log(
-                    f"  scale {n_files} rep {rep}{'' if rep >= warmup else ' (warm-up)'}: "
-                    f"start-up {elapsed:.3f}s, stat p50 dir {percentile(dirs, 0.5) / 1e3:.1f}us "
-                    f"file {percentile(cold, 0.5) / 1e3:.1f}us "
-                    f"warm {percentile(warm, 0.5) / 1e3:.1f}us, RSS {idle.get('VmRSS')} -> "
-                    f"{after.get('VmRSS')} KiB"
-                )
-                if rep == 0:
-                    first_startup = elapsed
-                if rep < warmup:
-                    continue
-                startups.append(elapsed)
-                cold_p50.append(percentile(cold, 0.5) / 1e3)
-                dir_p50.append(percentile(dirs, 0.5) / 1e3)
-                cold_p99.append(percentile(cold, 0.99) / 1e3)
-                warm_p50.append(percentile(warm, 0.5) / 1e3)
-                rss_idle.append(idle.get("VmRSS", 0))
-                rss_after.append(after.get("VmRSS", 0))
-        finally:
-            if _in_mount_table(mountpoint):
-                daemon_unmount(mountpoint, store)
+        ],
+    )
+
+
+def bench_scale(cfg: dict, base: Path, results: Results) -> None:
+    """Build every store first, then rotate through the sizes in each repetition."""
+    measured, warmup = cfg["scale"]
+    stores = [_prepare_scale(base, n, cfg["scale_samples"]) for n in cfg["scale_sizes"]]
+    try:
+        for rep in range(warmup + measured):
+            shift = rep % len(stores)
+            for s in stores[shift:] + stores[:shift]:
+                _scale_rep(s, rep, kept=rep >= warmup)
+    finally:
+        for s in stores:
+            if _in_mount_table(s.mountpoint):
+                daemon_unmount(s.mountpoint, s.store)
+    for s in stores:
+        v = s.samples
         results.scale.append(
             {
-                "files": n_files,
-                **info,
-                "first_startup_s": first_startup,
-                "startup_s": median(startups),
-                "startup_all_s": startups,
-                "lookup_p50_us": median(cold_p50),
-                "lookup_p99_us": median(cold_p99),
-                "lookup_warm_p50_us": median(warm_p50),
-                "dir_lookup_p50_us": median(dir_p50),
-                "rss_idle_kib": median(rss_idle),
-                "rss_after_lookups_kib": median(rss_after),
-                "samples": len(paths),
+                "files": s.files,
+                **s.info,
+                "first_startup_s": s.first_startup,
+                "startup_s": median(v.get("startup", [])),
+                "startup_all_s": v.get("startup", []),
+                "lookup_p50_us": median(v.get("file_p50", [])),
+                "lookup_p99_us": median(v.get("file_p99", [])),
+                "lookup_warm_p50_us": median(v.get("warm_p50", [])),
+                "dir_lookup_p50_us": median(v.get("dir_p50", [])),
+                "rss_idle_kib": median(v.get("rss_idle", [])),
+                "rss_after_lookups_kib": median(v.get("rss_after", [])),
+                "idle_cpu_percent": median(v.get("idle_cpu", [])),
+                "samples": len(s.paths),
             }
         )
-        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(s.store, ignore_errors=True)
+
+
+def _scale_rep(s: ScaleStore, rep: int, *, kept: bool) -> None:
+    elapsed = daemon_mount(s.mountpoint, s.store, BENCH_CLASS, s.log_file)
+    try:
+        pid = _holder_pid(s.store)
+        idle = rss_kib(pid)
+        stat_pass(s.top_paths)
+        dirs = stat_pass(s.leaf_paths)
+        cold = stat_pass(s.paths)
+        warm = stat_pass(s.paths)
+        after = rss_kib(pid)
+        idle_cpu = cpu_percent(pid, IDLE_WINDOW_S)
+    finally:
+        daemon_unmount(s.mountpoint, s.store)
+    log(
+        f"  scale {s.files} rep {rep}{'' if kept else ' (warm-up)'}: "
+        f"start-up {elapsed:.3f}s, stat p50 dir {percentile(dirs, 0.5) / 1e3:.1f}us "
+        f"file {percentile(cold, 0.5) / 1e3:.1f}us "
+        f"warm {percentile(warm, 0.5) / 1e3:.1f}us, RSS {idle.get('VmRSS')} -> "
+        f"{after.get('VmRSS')} KiB, idle CPU {idle_cpu:.1f}%"
+    )
+    if s.first_startup is None:
+        s.first_startup = elapsed
+    if not kept:
+        return
+    for key, value in (
+        ("startup", elapsed),
+        ("file_p50", percentile(cold, 0.5) / 1e3),
+        ("file_p99", percentile(cold, 0.99) / 1e3),
+        ("dir_p50", percentile(dirs, 0.5) / 1e3),
+        ("warm_p50", percentile(warm, 0.5) / 1e3),
+        ("rss_idle", idle.get("VmRSS", 0)),
+        ("rss_after", after.get("VmRSS", 0)),
+        ("idle_cpu", idle_cpu),
+    ):
+        s.samples.setdefault(key, []).append(value)
 
 
 # -- report ----------------------------------------------------------------------
@@ -1081,7 +1125,7 @@ def table_text(results: Results) -> str:
             f"{'files':>9} {'build s':>8} {'index MiB':>9} {'start-up s':>10} "
             f"{'1st s':>6} {'dir p50 us':>10} {'file p50 us':>11} {'p99 us':>8} "
             f"{'warm p50':>8} "
-            f"{'RSS MiB':>8} {'RSS after':>9}",
+            f"{'RSS MiB':>8} {'RSS after':>9} {'idle CPU%':>9}",
         ]
         for row in results.scale:
             lines.append(
@@ -1090,7 +1134,8 @@ def table_text(results: Results) -> str:
                 f"{row['dir_lookup_p50_us']:>10.1f} "
                 f"{row['lookup_p50_us']:>11.1f} {row['lookup_p99_us']:>8.1f} "
                 f"{row['lookup_warm_p50_us']:>8.1f} {row['rss_idle_kib'] / 1024:>8.1f} "
-                f"{row['rss_after_lookups_kib'] / 1024:>9.1f}"
+                f"{row['rss_after_lookups_kib'] / 1024:>9.1f} "
+                f"{row['idle_cpu_percent']:>9.1f}"
             )
         for label, value, ok in scale_checks(results):
             verdict = {True: "PASS", False: "MISS", None: "(needs 10^6)"}[ok]
@@ -1202,6 +1247,7 @@ def machine_info() -> dict[str, object]:
         "cpu": model,
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     with suppress(Exception):
         info["git_head"] = subprocess.run(
@@ -1314,8 +1360,13 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
 
     results.notes["elapsed_s"] = time.perf_counter() - started
+    results.notes["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
     print(table_text(results))
+    print(
+        f"\nload average (1, 5, 15 min) at start {results.notes['machine']['loadavg_start']}, "
+        f"at end {results.notes['loadavg_end']} on {os.cpu_count()} CPUs"
+    )
     print(
         f"\nratio = mount / native (lower is better); medians over kept repetitions; "
         f"total {results.notes['elapsed_s']:.0f}s"

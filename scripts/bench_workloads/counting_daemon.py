@@ -5,7 +5,7 @@
 Every pyfuse3 request handler of ``mithrilfs.fs.Operations`` (and the ones it
 inherits, which answer ENOSYS) is wrapped before the daemon starts: the
 wrapper counts the requests and sums the time spent in the handler.  On
-SIGUSR1 the daemon writes ``{op: [requests, handler_ns]}`` as JSON to the
+SIGUSR2 the daemon writes ``{op: [requests, handler_ns]}`` as JSON to the
 file named by $MITHRILFS_COUNTS and starts counting from zero again.  Used by
 request_profile.py; nothing in the daemon's own code changes.
 """
@@ -86,7 +86,7 @@ def main() -> int:
         handler = getattr(fs.Operations, name, None)
         if handler is not None:
             setattr(fs.Operations, name, _wrap(name, handler))
-    signal.signal(signal.SIGUSR1, _dump)
+    signal.signal(signal.SIGUSR2, _dump)
     return cli_main(sys.argv[1:])
 
 

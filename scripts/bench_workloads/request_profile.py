@@ -42,11 +42,11 @@ class Counter:
         """Counts since the last snapshot (and start counting from zero)."""
         self.path.unlink(missing_ok=True)
         assert self.mount.pid is not None
-        os.kill(self.mount.pid, signal.SIGUSR1)
+        os.kill(self.mount.pid, signal.SIGUSR2)
         deadline = time.monotonic() + 10
         while not self.path.exists():
             if time.monotonic() > deadline:
-                raise RuntimeError("the counting daemon did not answer SIGUSR1")
+                raise RuntimeError("the counting daemon did not answer SIGUSR2")
             time.sleep(0.005)
         return json.loads(self.path.read_text())
 
