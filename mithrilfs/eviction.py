@@ -1,25 +1,46 @@
 """Keeping a store under its cap: recency, victim selection, removal in batches.
 
-Recency is the last time an entry was opened for reading.  It is kept in
-memory on the request path and written to the index in batches, never one
-SQLite write per read.  When usage (stored objects after dedup, plus files
-being written) passes the cap, a background task removes the least recently
-read entries, whole, in bounded batches, until usage is below the low
-watermark; each batch costs time in proportion to what it removes (an
-indexed walk up the `last_read` order), not to the size of the store.
+Recency is the last time an entry was opened for reading, or had a file
+placed in it (creating an entry is a use).  It has nanosecond resolution, so
+an entry read a moment ago always ranks after one created before that
+moment, and it is kept in memory on the request path and written to the
+index in batches, never one SQLite write per read.
 
-Every name removed this way is invalidated in the kernel through pyfuse3's
-asynchronous invalidation queue, never from inside a request handler.
+What counts against the cap is *pressure*: stored objects (after dedup) plus
+the files being written, less the largest file being written.  That one file
+is not known to fit until it is complete: a file that ends in EFBIG must not
+have emptied the cache on its way there, so the store may hold at most one
+file's worth beyond the cap, and every other byte counts at once.
+
+Eviction starts one write (1 MiB, FUSE's largest) below the cap: the
+request that crosses that threshold (a write, a seal) removes a bounded
+number of entries itself, least recently read first, so that the cap holds
+at every moment; then the background task takes pressure down to the low
+watermark in bounded batches, letting requests in between.  Each
+batch costs time in proportion to what it removes (a keyset walk up the
+`last_read` index), never in proportion to the size of the store.  Entries
+with a file being written are skipped: their newest bytes are not sealed yet.
+
+Every name removed is invalidated in the kernel by the `on_removed`
+callback, through pyfuse3's asynchronous queue, never from inside a request
+handler.
+
+Besides the cap: `expire` drops entries not read within `max_age`, and
+`select_entries`/`plan` choose and price the entries that `mithrilfs evict`
+names (by age, device class, path pattern).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 import trio.lowlevel
@@ -31,11 +52,23 @@ from mithrilfs.store import ContentStore
 log = logging.getLogger(__name__)
 
 LOW_WATERMARK = 0.9
+# FUSE hands the daemon writes of up to 1 MiB, and the cap is checked after
+# each one: eviction starts this far below the cap (at most down to the low
+# watermark), so that the write that triggers it cannot take the store past it.
+MAX_WRITE = 1 << 20
 BATCH_ENTRIES = 64
+# At most this many entries are removed inside the one request that crossed
+# the cap; what is left is the background task's.
+CULL_ENTRIES = 16
 RECENCY_FLUSH_SECONDS = 2.0
 DEFAULT_CAP_FRACTION = 0.10
 DEFAULT_CAP_MIN = 1 << 30
 DEFAULT_CAP_MAX = 100 << 30
+NS = 1_000_000_000
+
+# Testing aid: a file holding seconds to add to the clock that recency and
+# expiry see (read at each use), so that tests age entries without waiting.
+CLOCK_OFFSET_ENV = "MITHRILFS_CLOCK_OFFSET_FILE"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -61,7 +94,47 @@ def parse_duration(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
     if not match:
         raise UserError(f"invalid duration '{text}': expected e.g. 90s, 30m, 12h, 7d or 2w", 2)
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if math.isinf(seconds) or seconds * NS >= 1 << 62:
+        raise UserError(f"invalid duration '{text}': too long", 2)
+    return seconds
+
+
+def check_path_pattern(pattern: str) -> str:
+    """Validate a ``--path`` pattern: fnmatch syntax, relative to the device-class root."""
+    problem = None
+    if not pattern.strip():
+        problem = "empty"
+    elif pattern.startswith("/"):
+        problem = "paths are relative to the device-class root, e.g. 'triton/*'"
+    elif "\0" in pattern:
+        problem = "contains a NUL byte"
+    elif ".." in pattern.split("/"):
+        problem = "'..' never appears in a stored path"
+    elif _unclosed_bracket(pattern):
+        # fnmatch would quietly take an unterminated '[' literally: surely a typo.
+        problem = "unterminated '[' (write '[[]' for a literal bracket)"
+    if problem:
+        raise UserError(f"invalid path pattern '{pattern}': {problem}", 2)
+    return pattern
+
+
+def _unclosed_bracket(pattern: str) -> bool:
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                return True
+            i = j
+        i += 1
+    return False
 
 
 def default_cap(store_fs_bytes: int) -> int:
@@ -69,15 +142,34 @@ def default_cap(store_fs_bytes: int) -> int:
     return max(DEFAULT_CAP_MIN, min(DEFAULT_CAP_MAX, int(store_fs_bytes * DEFAULT_CAP_FRACTION)))
 
 
+def wall_clock_ns() -> int:
+    """Unix time in nanoseconds, as recency and expiry see it.
+
+    With MITHRILFS_CLOCK_OFFSET_FILE set (tests only), the seconds written in
+    that file are added; a missing or empty file adds nothing.
+    """
+    now = time.time_ns()
+    offset_file = os.environ.get(CLOCK_OFFSET_ENV)
+    if offset_file:
+        try:
+            text = Path(offset_file).read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            now += int(float(text) * NS)
+    return now
+
+
 @dataclass
 class Recency:
-    """Entry reads seen since the last flush: entry id -> unix time (seconds)."""
+    """Entry reads seen since the last flush: entry id -> unix time (ns)."""
 
+    clock: Callable[[], int] = wall_clock_ns
     pending: dict[int, int] = field(default_factory=dict)
 
     def touch(self, entry_id: int | None, now: int | None = None) -> None:
         if entry_id is not None:
-            self.pending[entry_id] = int(time.time()) if now is None else now
+            self.pending[entry_id] = self.clock() if now is None else now
 
     def flush(self, index: Index) -> int:
         if not self.pending:
@@ -91,6 +183,16 @@ class Recency:
 class EvictionResult:
     entries: int = 0
     bytes_freed: int = 0
+    skipped: int = 0  # entries left alone because a file of theirs is being written
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An entry chosen for removal, named for people."""
+
+    entry_id: int
+    location: str  # device class / path below the class root
+    last_read: int  # unix ns
 
 
 class Evictor:
@@ -101,67 +203,181 @@ class Evictor:
         cap: int,
         *,
         staged_bytes: Callable[[], int] = lambda: 0,
-        on_removed: Callable[[EvictedEntry], None] = lambda entry: None,
+        largest_staged: Callable[[], int] = lambda: 0,
+        on_removed: Callable[[EvictedEntry, str], None] = lambda entry, reason: None,
         is_busy: Callable[[int], bool] = lambda ino: False,
         is_held: Callable[[int], bool] = lambda ino: False,
         max_age: float | None = None,
+        clock: Callable[[], int] = wall_clock_ns,
     ) -> None:
         self.index = index
         self.content = content
         self.cap = cap
         self.max_age = max_age
-        self.recency = Recency()
+        self.clock = clock
+        self.recency = Recency(clock)
         self._staged_bytes = staged_bytes
+        self._largest_staged = largest_staged
         self._on_removed = on_removed
         self._is_busy = is_busy
         self._is_held = is_held
         self._wake = trio.Event()
-        # Entries found being written during this round of eviction.
-        self._busy: set[int] = set()
+        # True while the background task runs, i.e. inside a serving daemon:
+        # only then does `wake` remove entries on the spot.
+        self._serving = False
+
+    # -- accounting ---------------------------------------------------------
 
     def usage(self) -> int:
+        """Bytes the store takes: objects after dedup, plus files being written."""
         return self.index.stored_bytes + self._staged_bytes()
+
+    def pressure(self) -> int:
+        """What must fit under the cap: usage less the largest file being written."""
+        return self.usage() - self._largest_staged()
 
     def room(self) -> int:
         return max(0, self.cap - self.usage())
 
+    def low_watermark(self) -> int:
+        return int(self.cap * LOW_WATERMARK)
+
+    def threshold(self) -> int:
+        """Pressure at which eviction starts: one write's worth below the cap."""
+        return max(self.cap - MAX_WRITE, self.low_watermark())
+
     def over_cap(self) -> bool:
-        return self.usage() > self.cap
+        """Eviction is due (pressure is within one write of the cap, or past it)."""
+        return self.pressure() > self.threshold()
+
+    # -- the cap ------------------------------------------------------------
 
     def wake(self) -> None:
+        """Eviction is due: make room now, and get to the low watermark soon.
+
+        Inside a serving daemon a bounded number of entries goes right here,
+        in the request that crossed the threshold (diskcache's culling bounded
+        per write), so that the cap holds at every moment; the background
+        task, woken too, finishes the way down to the low watermark.
+        """
+        if self._serving and self.over_cap():
+            result = EvictionResult()
+            self.recency.flush(self.index)
+            target = self.low_watermark()
+            for _ in self.batches(target, self.pressure, "cap", result, limit=CULL_ENTRIES):
+                pass
+            if result.entries:
+                log.debug(
+                    "culled %d entries (%d bytes) inside a request", result.entries,
+                    result.bytes_freed,
+                )
         self._wake.set()
+
+    async def run(self) -> None:
+        """Background task: when woken over the cap, evict down to the low watermark."""
+        self._serving = True
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                target = self.low_watermark()
+                if self.pressure() <= target:
+                    continue
+                result = EvictionResult()
+                self.recency.flush(self.index)
+                for _ in self.batches(target, self.pressure, "cap", result):
+                    await trio.lowlevel.checkpoint()  # let requests in between batches
+                if result.entries:
+                    log.info(
+                        "evicted %d entries (%d bytes) to stay under the cap of %d bytes",
+                        result.entries,
+                        result.bytes_freed,
+                        self.cap,
+                    )
+        finally:
+            self._serving = False
+
+    def batches(
+        self,
+        target: int,
+        measure: Callable[[], int],
+        reason: str,
+        result: EvictionResult,
+        *,
+        limit: int | None = None,
+        read_before: int | None = None,
+    ) -> Iterator[None]:
+        """Remove entries, least recently read first, while ``measure() > target``.
+
+        Yields after each batch of at most BATCH_ENTRIES entries looked at, so
+        that an async caller can let requests in.  *limit* bounds the entries
+        removed; *read_before* (unix ns) considers only entries read before it.
+        """
+        after: tuple[int, int] | None = None
+        removed = 0
+        while measure() > target:
+            batch = self.index.entries_by_age(BATCH_ENTRIES, after, read_before)
+            if not batch:
+                return
+            for last_read, entry_id in batch:
+                after = (last_read, entry_id)
+                if measure() <= target:
+                    return
+                if self._remove(entry_id, reason, result):
+                    removed += 1
+                    if limit is not None and removed >= limit:
+                        return
+            yield
 
     def evict_until_below(self, target: int, reason: str = "cap") -> EvictionResult:
         """Remove least recently read entries until usage <= *target* (synchronous)."""
         result = EvictionResult()
         self.recency.flush(self.index)
-        while self.usage() > target:
-            if not self._evict_batch(target, reason, result):
-                break
+        for _ in self.batches(target, self.usage, reason, result):
+            pass
         return result
 
-    def _evict_batch(self, target: int, reason: str, result: EvictionResult) -> bool:
-        """One bounded batch of the oldest entries; False when nothing could go."""
-        removed_any = False
-        for entry_id in self.index.oldest_entries(BATCH_ENTRIES + len(self._busy)):
-            if self.usage() <= target:
-                return True
-            if entry_id in self._busy:
-                continue
-            if self._remove(entry_id, reason, result):
-                removed_any = True
-            else:
-                self._busy.add(entry_id)
-        return removed_any
+    def plan_until_below(self, target: int) -> list[tuple[Candidate, int]]:
+        """What `evict_until_below` would remove, and the bytes each would free."""
+        self.recency.flush(self.index)
+        freed = 0
+        uses: dict[bytes, int] = {}
+        planned: list[tuple[Candidate, int]] = []
+        after: tuple[int, int] | None = None
+        usage = self.usage()
+        while usage - freed > target:
+            batch = self.index.entries_by_age(BATCH_ENTRIES, after)
+            if not batch:
+                break
+            for last_read, entry_id in batch:
+                after = (last_read, entry_id)
+                if usage - freed <= target:
+                    break
+                if any(self._is_busy(ino) for ino in self.index.entry_files(entry_id)):
+                    continue
+                candidate = Candidate(entry_id, _location(self.index, entry_id), last_read)
+                frees = _freed_by(self.index, entry_id, uses)
+                freed += frees
+                planned.append((candidate, frees))
+        return planned
+
+    # -- expiry and chosen entries ------------------------------------------
+
+    def expire(self) -> EvictionResult:
+        """Drop entries not read for longer than max_age (called periodically)."""
+        if self.max_age is None:
+            return EvictionResult()
+        return self.evict_older_than(self.clock() - int(self.max_age * NS))
 
     def evict_older_than(self, cutoff: int, reason: str = "max_age") -> EvictionResult:
+        """Remove every entry last read before *cutoff* (unix ns)."""
         result = EvictionResult()
         self.recency.flush(self.index)
-        for entry_id in self.index.entries_read_before(cutoff):
-            self._remove(entry_id, reason, result)
+        for _ in self.batches(-1, lambda: 0, reason, result, read_before=cutoff):
+            pass
         return result
 
-    def remove_entries(self, entry_ids: list[int], reason: str) -> EvictionResult:
+    def remove_entries(self, entry_ids: Iterable[int], reason: str) -> EvictionResult:
         result = EvictionResult()
         for entry_id in entry_ids:
             self._remove(entry_id, reason, result)
@@ -170,13 +386,16 @@ class Evictor:
     def _remove(self, entry_id: int, reason: str, result: EvictionResult) -> bool:
         files = self.index.entry_files(entry_id)
         if any(self._is_busy(ino) for ino in files):
+            result.skipped += 1
             return False  # being written: never evict half-written work
         removed = self.index.evict_entry(entry_id, self._is_held)
+        if not removed.names:
+            return False  # already gone
         for digest in removed.unused_objects:
             self.content.delete(digest)
         result.entries += 1
         result.bytes_freed += removed.bytes_freed
-        self._on_removed(removed)
+        self._on_removed(removed, reason)
         log.debug(
             "evicted entry %d (%s): %d names, %d bytes",
             entry_id,
@@ -186,29 +405,142 @@ class Evictor:
         )
         return True
 
-    async def run(self) -> None:
-        """Background task: when woken over the cap, evict down to the low watermark."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            self._busy.clear()
-            if not self.over_cap():
-                continue
-            target = int(self.cap * LOW_WATERMARK)
-            result = EvictionResult()
-            self.recency.flush(self.index)
-            while self.usage() > target and self._evict_batch(target, "cap", result):
-                await trio.lowlevel.checkpoint()  # let requests in between batches
-            if result.entries:
-                log.info(
-                    "evicted %d entries (%d bytes) to stay under the cap of %d bytes",
-                    result.entries,
-                    result.bytes_freed,
-                    self.cap,
-                )
 
-    def expire(self) -> EvictionResult:
-        """Drop entries not read for longer than max_age (called periodically)."""
-        if self.max_age is None:
-            return EvictionResult()
-        return self.evict_older_than(int(time.time() - self.max_age))
+# -- choosing entries by age, device class and path -----------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The entries `mithrilfs evict` names; every given criterion must hold."""
+
+    older_than: float | None = None  # seconds since the last read
+    device_class: str | None = None  # one class tree, whole
+    path: str | None = None  # fnmatch pattern, relative to the class root
+
+    def describe(self) -> str:
+        parts = []
+        if self.older_than is not None:
+            parts.append(f"not read for {self.older_than:g}s")
+        if self.device_class is not None:
+            parts.append(f"in class {self.device_class}")
+        if self.path is not None:
+            parts.append(f"matching '{self.path}'")
+        return ", ".join(parts) or "everything"
+
+
+def select_entries(index: Index, selection: Selection, now_ns: int) -> list[Candidate]:
+    """The entries *selection* names, least recently read first.
+
+    A path pattern matches an entry when it matches the entry's own path
+    (its directory; ``dir/stem.*`` for a stem) or the path of any of its
+    files; ``*`` also crosses ``/``, as in fnmatch.  An unknown device class
+    is a `UserError` (exit 2).
+    """
+    if selection.path is not None:
+        check_path_pattern(selection.path)
+    cutoff = None
+    if selection.older_than is not None:
+        cutoff = now_ns - int(selection.older_than * NS)
+    if selection.device_class is None and selection.path is None:
+        return _select_by_age(index, cutoff)
+
+    roots = index.class_roots()
+    if selection.device_class is not None:
+        wanted = os.fsencode(selection.device_class)
+        known = [os.fsdecode(name) for name, _root in roots]
+        roots = [(name, root) for name, root in roots if name == wanted]
+        if not roots:
+            raise UserError(
+                f"no device class '{selection.device_class}' in this store "
+                f"(it has: {', '.join(known) or 'none'})",
+                2,
+            )
+    table = index.entry_table()
+    chosen: list[Candidate] = []
+    for class_name, class_root in roots:
+        paths = _TreePaths(index.names_below(class_root), class_root)
+        files: dict[int, list[str]] = {}
+        for _parent, _name, ino, entry in paths.rows:
+            if entry is not None:
+                files.setdefault(entry, []).append(paths.of(ino))
+        for entry_id, file_paths in files.items():
+            key, entry_root, last_read = table[entry_id]
+            if cutoff is not None and last_read >= cutoff:
+                continue
+            own = _entry_path(key, entry_root, paths, file_paths)
+            if selection.path is not None and not any(
+                fnmatch.fnmatchcase(path, selection.path) for path in (own, *file_paths)
+            ):
+                continue
+            chosen.append(Candidate(entry_id, f"{os.fsdecode(class_name)}/{own}", last_read))
+    chosen.sort(key=lambda c: (c.last_read, c.entry_id))
+    return chosen
+
+
+def _select_by_age(index: Index, cutoff: int | None) -> list[Candidate]:
+    chosen: list[Candidate] = []
+    after: tuple[int, int] | None = None
+    while batch := index.entries_by_age(1000, after, cutoff):
+        for last_read, entry_id in batch:
+            chosen.append(Candidate(entry_id, _location(index, entry_id), last_read))
+        after = batch[-1]
+    return chosen
+
+
+class _TreePaths:
+    """Paths below a class root for the rows of `Index.names_below`."""
+
+    def __init__(self, rows: list[tuple[int, bytes, int, int | None]], root: int) -> None:
+        self.rows = rows
+        self._links = {ino: (parent, name) for parent, name, ino, _entry in rows}
+        self._paths: dict[int, str] = {root: ""}
+
+    def of(self, ino: int) -> str:
+        chain: list[int] = []
+        node = ino
+        while node not in self._paths:
+            chain.append(node)
+            node = self._links[node][0]
+        for node in reversed(chain):
+            parent, name = self._links[node]
+            above = self._paths[parent]
+            self._paths[node] = f"{above}/{os.fsdecode(name)}" if above else os.fsdecode(name)
+        return self._paths[ino]
+
+
+def _entry_path(key: bytes, root: int, paths: _TreePaths, file_paths: list[str]) -> str:
+    if key.startswith(b"d"):
+        return paths.of(root)
+    if key.startswith(b"s"):
+        directory = paths.of(root)
+        stem = os.fsdecode(key.split(b"/", 1)[1]) + ".*"
+        return f"{directory}/{stem}" if directory else stem
+    return file_paths[0]
+
+
+def _location(index: Index, entry_id: int) -> str:
+    found = index.entry_location(entry_id)
+    if found is None:
+        return f"entry {entry_id}"
+    class_name, path = found
+    return f"{os.fsdecode(class_name)}/{os.fsdecode(path)}"
+
+
+def plan(index: Index, candidates: Iterable[Candidate]) -> list[tuple[Candidate, int]]:
+    """Each candidate with the bytes its removal frees, if those before it go too.
+
+    With dedup an object is freed only when the last file using it goes,
+    so this counts an object once, at the entry that drops its last use.
+    """
+    uses: dict[bytes, int] = {}
+    return [(c, _freed_by(index, c.entry_id, uses)) for c in candidates]
+
+
+def _freed_by(index: Index, entry_id: int, uses: dict[bytes, int]) -> int:
+    freed = 0
+    for digest, size, refcount, count in index.entry_content(entry_id):
+        seen = uses.get(digest, 0) + count
+        uses[digest] = seen
+        if seen == refcount:
+            freed += size
+    return freed
