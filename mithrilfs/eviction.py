@@ -385,7 +385,7 @@ class Evictor:
 
     def _remove(self, entry_id: int, reason: str, result: EvictionResult) -> bool:
         files = self.index.entry_files(entry_id)
-        if any(self._is_busy(ino) for ino in files):
+        if any(self._is_busy(ino) for ino in files) or self.index.entry_in_progress(entry_id):
             result.skipped += 1
             return False  # being written: never evict half-written work
         removed = self.index.evict_entry(entry_id, self._is_held)

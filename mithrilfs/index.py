@@ -814,6 +814,24 @@ class Index:
         ).fetchall()
         return rows
 
+    def entry_in_progress(self, entry_id: int) -> bool:
+        """True while a writer is assembling a directory entry.
+
+        Triton publishes each file through a ``tmp.pid_*`` directory inside
+        the key directory (makedirs, write, replace, removedirs); evicting the
+        key directory between its makedirs and its open would fail the
+        compile with ENOENT.  Such a directory's presence marks the entry busy.
+        """
+        row = self.db.execute(
+            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
+        ).fetchone()
+        if row is None or not row[0].startswith(b"d"):
+            return False
+        return self.db.execute(
+            "SELECT 1 FROM entries WHERE parent=? AND name >= ? AND name < ? LIMIT 1",
+            (row[1], b"tmp.", b"tmp/"),
+        ).fetchone() is not None
+
     def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
         """(inode, object digest) of every file in a cache entry."""
         return self.db.execute(
