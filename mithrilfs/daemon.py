@@ -12,6 +12,8 @@ import logging
 import logging.handlers
 import os
 import signal
+import stat
+import socket
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from mithrilfs import control
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
@@ -28,6 +31,7 @@ from mithrilfs.index import SUPER_ROOT
 from mithrilfs.layouts import LAYOUT_ROOTS
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
+from mithrilfs.remote import Remote, RemoteConfig
 from mithrilfs.repository import Repository
 from mithrilfs.stats import Stats
 
@@ -35,7 +39,8 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
 SYSLOG_SOCKET = "/dev/log"
-EXPIRY_SECONDS = 60.0
+# How often max_age is enforced; tests shorten it (docs/eviction.md).
+EXPIRY_SECONDS = float(os.environ.get("MITHRILFS_EXPIRY_SECONDS", "60"))
 
 
 @dataclass
@@ -51,6 +56,7 @@ class MountConfig:
     cap: int | None = None  # None: default_cap() of the store's filesystem
     max_age: float | None = None
     metrics_listen: str | None = None
+    remote: RemoteConfig | None = None  # the shared tier (--remote)
     extra_fuse_options: set[str] = field(default_factory=set)
 
 
@@ -65,9 +71,13 @@ def check_mountpoint(mountpoint: Path) -> None:
                 f"{result.stderr.strip() or 'fusermount3 failed'}",
                 1,
             )
-    if not mountpoint.exists():
-        raise UserError(f"mountpoint {mountpoint} does not exist", 2)
-    if not mountpoint.is_dir():
+    try:
+        mode = mountpoint.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"mountpoint {mountpoint} does not exist", 2) from None
+    except OSError as exc:
+        raise UserError(f"cannot reach mountpoint {mountpoint}: {exc.strerror}", 2) from None
+    if not stat.S_ISDIR(mode):
         raise UserError(f"mountpoint {mountpoint} is not a directory", 2)
     existing = find_mount(mountpoint)
     if existing is not None:
@@ -107,6 +117,7 @@ def run_mount(config: MountConfig) -> int:
 
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Open the store, mount it, and serve until unmounted or signalled."""
+    control.ignore_requests_until_served()
     repo = Repository.open(config.store)
     clean = False
     try:
@@ -115,6 +126,12 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         cap = config.cap if config.cap is not None else _default_cap(config.store)
         stats = Stats(config.device_class)
         stats.load_rows(iter(repo.index.load_counters()))
+        remote = None
+        if config.remote is not None:
+            remote = Remote(
+                config.remote, repo.index, repo.content, stats, config.device_class, root
+            )
+            log.info("shared tier: %s", config.remote.display)
         ops = Operations(
             repo.index,
             repo.content,
@@ -123,6 +140,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             cap=cap,
             max_age=config.max_age,
             read_only=config.read_only,
+            remote=remote,
         )
         collector = SnapshotCollector(config.device_class)
         # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
@@ -155,7 +173,10 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             # the mount, and leaving it would leave a stale mountpoint.
             # Unmounting one the kernel already dropped is harmless.
             pyfuse3.close(unmount=True)
+            ops.evictor.recency.flush(ops.index)  # the reads of the last second count too
             _save_stats(ops, collector)
+            if remote is not None:
+                remote.close()
         clean = True
     finally:
         repo.close(clean=clean)
@@ -169,9 +190,16 @@ async def _serve_until_stopped(
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(_supervised, "eviction", ops.evictor.run)
         nursery.start_soon(_housekeeping, ops, collector)
+        # `mithrilfs gc` / `evict` against this store: requests signalled with SIGUSR1.
+        await nursery.start(control.serve_requests, ops.evictor, ops.store.root)
+        if ops.remote is not None:
+            await ops.remote.connect()  # bounded: a tier that is down only starts a backoff
+            nursery.start_soon(_supervised, "shared tier publishing", ops.remote.run)
         ops.evictor.wake()  # the cap may have been lowered since the last mount
         ready()
         await pyfuse3.main()
+        if ops.remote is not None:
+            await ops.remote.drain()  # bounded: what was sealed last reaches the tier
         nursery.cancel_scope.cancel()
 
 
@@ -215,6 +243,8 @@ def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
     stats.set_gauge("objects", index.object_count)
     stats.set_gauge("entries", index.entry_count())
     stats.set_gauge("cap_bytes", ops.evictor.cap)
+    if ops.remote is not None:
+        stats.set_gauge("remote_publish_backlog", ops.remote.backlog)
     index.save_counters(stats.rows(), stats.gauges)
     collector.snapshot = stats.snapshot()
 
@@ -250,15 +280,11 @@ def _setup_logging(config: MountConfig, *, daemon: bool) -> None:
         handler = logging.FileHandler(config.log_file)
     elif not daemon:
         handler = logging.StreamHandler(sys.stderr)
-    elif os.path.exists(SYSLOG_SOCKET):
-        try:
-            syslog = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
-        except OSError:
-            pass  # nobody listens on it: fall back to the store
-        else:
-            syslog.ident = "mithrilfs: "
-            handler = syslog
-            formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # syslog stamps
+    elif _syslog_listening(SYSLOG_SOCKET):
+        syslog = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+        syslog.ident = "mithrilfs: "
+        handler = syslog
+        formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")  # syslog stamps
     if handler is None:
         log_path = config.store / "mithrilfs.log"
         os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -267,6 +293,18 @@ def _setup_logging(config: MountConfig, *, daemon: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
+
+
+def _syslog_listening(address: str) -> bool:
+    """Whether a syslog daemon takes messages at *address* (SysLogHandler would not say)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(address)
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def _daemonize(config: MountConfig) -> int:

@@ -87,3 +87,46 @@ def test_read_only_store_is_refused_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert not os.path.ismount(mountpoint)
     assert os.listdir(store) == []
+
+
+def test_unwritable_mountpoint_is_refused_for_an_unprivileged_user(tmp_path: Path) -> None:
+    """fusermount3 lets a user mount only on a directory the user may write.
+
+    The check runs in a forked child that drops to uid/gid 65534: the
+    interpreter is already loaded, so no second Python install is needed.
+    """
+    from mithrilfs import cli, daemon  # imported before dropping privileges: the
+    del daemon  # interpreter's own files may not be readable by that user
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir(mode=0o755)  # root's, not writable by the user
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o777)
+    for directory in (tmp_path, *tmp_path.parents):  # pytest's temp dirs are 0700
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(0o755)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, run the CLI, report
+        code = 99
+        try:
+            os.close(read_end)
+            sys.stderr = os.fdopen(write_end, "w")  # pytest captured the original
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            code = cli.main(["mount", str(mountpoint), "--store", str(store)])
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stderr:
+        message = stderr.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2, message
+    assert message.startswith("mithrilfs: ")
+    assert "not writable" in message
+    assert not os.path.ismount(mountpoint)
+    assert os.listdir(store) == []
