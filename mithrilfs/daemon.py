@@ -12,9 +12,9 @@ import logging
 import logging.handlers
 import os
 import signal
-import stat
 import socket
 import sqlite3
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
