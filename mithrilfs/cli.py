@@ -21,16 +21,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from mithrilfs import __version__, device, fsck, hooks
+from mithrilfs import __version__, control, device, fsck, hooks
 from mithrilfs.errors import UserError
-from mithrilfs.eviction import parse_duration, parse_size
+from mithrilfs.eviction import check_path_pattern, parse_duration, parse_size
 from mithrilfs.metrics import parse_listen
 from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
 from mithrilfs.repository import LOCK_NAME, Repository, default_store_dir, holder_pid
 
+if TYPE_CHECKING:
+    from mithrilfs.remote import RemoteConfig
+
 T = TypeVar("T")
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
 
 # Options that mount(8) and fstab pass along and that mean nothing here.
@@ -160,16 +164,28 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     mount.add_argument(
+        "--remote", metavar="URL",
+        help="share entries with other nodes of this device class through Redis/Valkey: "
+        "redis://HOST:PORT/DB, rediss://... (TLS), redis+cluster://HOST:PORT (Redis "
+        "Cluster; or ?cluster=1); see docs/remote.md",
+    )
+    mount.add_argument(
+        "--remote-timeout", metavar="SECONDS",
+        help="time a lookup may wait for the shared tier before answering locally "
+        "(default 0.2; plus fetch time for large entries)",
+    )
+    mount.add_argument(
         "-o",
         dest="mount_options",
         default="",
         help="comma-separated mount options: allow_other, ro, "
-        "device_class=NAME, store=DIR, log_level=LEVEL (fstab form)",
+        "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
+        "remote_timeout=SECONDS (fstab form)",
     )
     mount.add_argument(
         "--log-level",
         default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        choices=_LOG_LEVELS,
         help="logging threshold (default INFO)",
     )
     mount.add_argument(
@@ -234,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     classes.set_defaults(command=_cmd_classes)
 
     _add_operations_parsers(sub)
+    _add_eviction_parsers(sub)
 
     stats = sub.add_parser(
         "stats", help="hit rate, dedup, usage against the cap, evictions",
@@ -282,15 +299,36 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         foreground=options.foreground or "foreground" in settings,
         allow_other=options.allow_other or "allow_other" in settings,
         read_only=options.read_only or "ro" in settings,
-        log_level=str(settings.get("log_level", options.log_level)).upper(),
-        log_file=options.log_file,
+        log_level=_log_level(settings.get("log_level", options.log_level)),
+        # Absolute: the daemon changes to / before it opens the file.
+        log_file=options.log_file.absolute() if options.log_file else None,
         cap=_optional(settings.get("cap", options.cap), parse_size),
         max_age=_optional(settings.get("max_age", options.max_age), parse_duration),
         metrics_listen=settings.get("metrics_listen", options.metrics_listen),
+        remote=_remote(settings, options),
     )
     if config.metrics_listen:
         parse_listen(config.metrics_listen)  # refuse a bad address before mounting
     return run_mount(config)
+
+
+def _remote(settings: dict[str, str], options: argparse.Namespace) -> RemoteConfig | None:
+    from mithrilfs.remote import parse_remote, parse_timeout
+
+    url = settings.get("remote", options.remote)
+    timeout = _optional(settings.get("remote_timeout", options.remote_timeout), parse_timeout)
+    if url is None:
+        if timeout is not None:
+            raise UserError("--remote-timeout needs --remote", 2)
+        return None
+    return parse_remote(url, timeout)
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in _LOG_LEVELS:
+        raise UserError(f"invalid log level '{text}': expected one of {', '.join(_LOG_LEVELS)}", 2)
+    return level
 
 
 def _optional(text: str | None, parse: Callable[[str], T]) -> T | None:
@@ -299,7 +337,10 @@ def _optional(text: str | None, parse: Callable[[str], T]) -> T | None:
 
 def _parse_mount_options(text: str) -> dict[str, str]:
     known_flags = {"allow_other", "ro", "foreground"}
-    known_values = {"device_class", "store", "log_level", "cap", "max_age", "metrics_listen"}
+    known_values = {
+        "device_class", "store", "log_level", "cap", "max_age", "metrics_listen",
+        "remote", "remote_timeout",
+    }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, has_value, value = item.partition("=")
@@ -369,14 +410,18 @@ def _wait_for_store_release(store: Path, timeout: float) -> bool:
 def _cmd_fsck(options: argparse.Namespace) -> int:
     store = _store(options)
     repo = Repository.open(store, create=False)
+    verify = not options.quick
     try:
-        report = fsck.check(repo.index, repo.content, verify_hashes=not options.quick)
+        first = report = fsck.check(
+            repo.index, repo.content, verify_hashes=verify, progress=fsck.tty_progress(sys.stderr)
+        )
         found = len(report.problems)
         if options.repair and found:
             fsck.repair(report)
-            report = fsck.check(repo.index, repo.content, verify_hashes=not options.quick)
+            report = fsck.check(repo.index, repo.content, verify_hashes=verify)
     finally:
         repo.close()
+    repaired = [p for p in first.problems if p.repaired] if options.repair else []
     if options.json:
         print(
             json.dumps(
@@ -384,6 +429,7 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
                     "store": str(store),
                     "clean": report.clean,
                     "found": found,
+                    "repaired": [{"kind": p.kind, "detail": p.detail} for p in repaired],
                     "problems": [{"kind": p.kind, "detail": p.detail} for p in report.problems],
                     "objects_checked": report.objects_checked,
                     "inodes_checked": report.inodes_checked,
@@ -392,6 +438,8 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
             )
         )
     else:
+        for problem in repaired:
+            print(f"repaired {problem.kind}: {problem.detail}")
         for problem in report.problems:
             print(f"{problem.kind}: {problem.detail}")
         if options.repair and found:
@@ -451,6 +499,84 @@ def _cmd_classes(options: argparse.Namespace) -> int:
         print(f"{'CLASS':<24} {'FILES':>10} {'BYTES':>14}")
         for u in usage:
             print(f"{u.name:<24} {u.files:>10} {u.bytes:>14}")
+    return 0
+
+
+# -- eviction on demand: gc, evict (offline, or through the serving daemon) ---------
+
+
+def _add_eviction_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gc = sub.add_parser(
+        "gc",
+        help="evict least recently read entries now, down to a size",
+        description="Evict the least recently read cache entries, whole, until the store "
+        "uses at most SIZE (default: the low watermark, 90% of the cap it was last mounted "
+        "with). Works on an unmounted store, and on a mounted one through its daemon.",
+    )
+    _store_argument(gc)
+    gc.add_argument("--to", metavar="SIZE", help="usage to get down to, e.g. 500M or 20G")
+    _eviction_common(gc, control.DEFAULT_TIMEOUT)
+    gc.set_defaults(command=_cmd_gc)
+
+    evict = sub.add_parser(
+        "evict",
+        help="remove chosen cache entries (by age, device class, path)",
+        description="Remove every cache entry that matches all the criteria given, whole "
+        "(a Triton kernel directory, an inductor entry). Works on an unmounted store, and "
+        "on a mounted one through its daemon, which also tells the kernel.",
+    )
+    _store_argument(evict)
+    evict.add_argument(
+        "--older-than", metavar="DURATION", help="entries not read for this long, e.g. 7d, 12h"
+    )
+    evict.add_argument(
+        "--device-class", metavar="CLASS", help="entries of this class tree, e.g. cuda-sm80"
+    )
+    evict.add_argument(
+        "--path",
+        metavar="GLOB",
+        help="entries whose path (or a file's path) below the class root matches, "
+        "e.g. 'triton/*' after a Triton upgrade (fnmatch: * also crosses /)",
+    )
+    _eviction_common(evict, control.DEFAULT_TIMEOUT)
+    evict.set_defaults(command=_cmd_evict)
+
+
+def _eviction_common(parser: argparse.ArgumentParser, timeout: float) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list what would go and the bytes freed"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON report")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help=f"seconds to wait for a serving daemon's answer (default {timeout:g})",
+    )
+
+
+def _cmd_gc(options: argparse.Namespace) -> int:
+    request = control.Request("gc", to=_optional(options.to, parse_size), dry_run=options.dry_run)
+    return _run_eviction(options, request)
+
+
+def _cmd_evict(options: argparse.Namespace) -> int:
+    request = control.Request(
+        "evict",
+        older_than=_optional(options.older_than, parse_duration),
+        device_class=options.device_class,
+        path=_optional(options.path, check_path_pattern),
+        dry_run=options.dry_run,
+    )
+    return _run_eviction(options, request)
+
+
+def _run_eviction(options: argparse.Namespace, request: control.Request) -> int:
+    outcome = control.perform(_store(options), request, timeout=options.timeout)
+    if options.json:
+        print(outcome.to_json())
+    else:
+        sys.stdout.write(control.render_text(outcome))
     return 0
 
 

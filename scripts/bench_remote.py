@@ -8,9 +8,9 @@ free loopback port (no persistence), and every mount is served at the same
 path, as on a fleet (Triton's group files hold absolute paths).
 
 1. Warm path.  Node A (its own store, ``--remote``) compiles a Triton
-   kernel for sm90 and a torch.compile'd MLP on CPU (tests/workloads), cold,
-   then runs each again: *A local hit*.  Then, N times, a node B with a
-   fresh empty store mounts at the same path and runs each workload twice:
+   kernel for sm90 and a torch.compile'd MLP on CPU (tests/workloads), cold.
+   Then N rounds: A mounts again and runs each workload (*A local hit*); a
+   node B with a fresh empty store mounts at the same path and runs each twice:
    the first run fetches every entry from Redis on first access (*B remote
    fetch*), the second is served locally (*B local hit*).  Whole-process
    wall time of a fresh python process; every run is checked (cache_hit,
@@ -249,16 +249,17 @@ def bench_warm_path(base: Path, url: str, repeat: int, results: dict[str, Any]) 
         w: {"A cold compile": [], "A local hit": [], "B remote fetch": [], "B local hit": []}
         for w in WORKLOAD_ARGS
     }
-    log("node A: cold compiles, then local hits")
+    log("node A: cold compiles")
     with mounted(mountpoint, base / "store-a", "--remote", url):
         for workload in WORKLOAD_ARGS:
             rows[workload]["A cold compile"].append(run_workload(workload, mountpoint, "miss"))
-        for _ in range(repeat):
+    remote_b: list[dict[str, Any]] = []
+    # A and B alternate, so that a change in the machine's load hits both alike.
+    for rep in range(repeat):
+        log(f"round {rep + 1}: node A's local hits, then node B with an empty store")
+        with mounted(mountpoint, base / "store-a", "--remote", url):
             for workload in WORKLOAD_ARGS:
                 rows[workload]["A local hit"].append(run_workload(workload, mountpoint, "hit"))
-    remote_b: list[dict[str, Any]] = []
-    for rep in range(repeat):
-        log(f"node B #{rep + 1}: empty store, same mount path")
         store = base / f"store-b{rep}"
         with mounted(mountpoint, store, "--remote", url):
             for workload in WORKLOAD_ARGS:

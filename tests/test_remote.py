@@ -1,0 +1,718 @@
+"""The shared tier: entries published by one node, fetched by another, over a real Redis.
+
+Every test starts its own ``redis-server`` on a free loopback port (no
+persistence) and kills it in teardown.  "Two nodes" are two stores served
+one after the other at the same mountpoint path (Triton's group files hold
+absolute paths, so every node mounts at the same path): node A runs, is
+unmounted (which publishes what is still queued), then node B mounts its
+own empty store there.  Nothing sleeps blindly: waits poll with a deadline.
+
+The compiler tests (marked ``compilers``) run triton.compile for sm90 and
+torch.compile on CPU in fresh processes; the others drive the mount with
+plain file operations shaped like the compilers' (write under a temporary
+name, rename into place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+import redis
+
+from mithrilfs import remote, stats
+from mithrilfs.errors import UserError
+from mithrilfs.repository import INDEX_NAME, Repository
+from tests.conftest import Mount, wait_for
+from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
+
+CLASS = "cuda-sm90"
+OTHER_CLASS = "cuda-sm80"
+REDIS_DEADLINE = 20.0
+STATS_DEADLINE = 30.0
+PUBLISH_DEADLINE = 60.0  # backoff grows to 10 s while the tier is down
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisServer:
+    """A redis-server on loopback that a test can kill and start again on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+    def start(self, *options: str) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+                *options,
+            ],
+            stdin=subprocess.DEVNULL,
+        )
+        proc = self.proc
+        wait_for(self._answers, REDIS_DEADLINE, "redis-server", alive=lambda: proc.poll() is None)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.ConnectionError:
+            return False
+
+    def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+
+class RedisCluster:
+    """Three redis-server processes in cluster mode (no replicas), on loopback."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.servers = [RedisServer(workdir / f"node{i}", free_cluster_port()) for i in range(size)]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        subprocess.run(
+            ["redis-cli", "--cluster", "create"]
+            + [f"127.0.0.1:{server.port}" for server in self.servers]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        wait_for(self._ready, REDIS_DEADLINE, "the cluster to cover every slot")
+
+    def _ready(self) -> bool:
+        def state(server: RedisServer) -> object:
+            info = server.client().execute_command("CLUSTER INFO")  # parsed by redis-py
+            return info.get("cluster_state") if isinstance(info, dict) else info
+
+        return all(state(server) == "ok" for server in self.servers)
+
+    def kill(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def summary(mount: Mount) -> dict[str, Any]:
+    return stats.summarize(stats.read_saved(mount.store / INDEX_NAME))
+
+
+def wait_for_stats(mount: Mount, predicate, what: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Poll the daemon's saved counters (saved every second) until *predicate* holds."""
+    seen: dict[str, Any] = {}
+
+    def check() -> bool:
+        seen.update(summary(mount))
+        return bool(predicate(seen))
+
+    wait_for(check, STATS_DEADLINE, what)
+    return seen
+
+
+def entry_keys(client: redis.Redis, device_class: str = CLASS) -> set[str]:
+    prefix = f"mithrilfs:v1:{device_class}:entry:"
+    return {key.decode().removeprefix(prefix) for key in client.scan_iter(match=prefix + "*")}
+
+
+def manifest(client: redis.Redis, path: str, device_class: str = CLASS) -> dict[str, Any]:
+    data = client.get(f"mithrilfs:v1:{device_class}:entry:{path}")
+    assert data is not None, f"no manifest for {path}"
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def object_value(client: redis.Redis, digest: str) -> bytes | None:
+    value = client.get(f"mithrilfs:v1:obj:{digest}")
+    return value  # type: ignore[return-value]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """As inductor and triton write: a temporary name, then rename into place."""
+    temporary = path.parent / f".{os.getpid()}.tmp"
+    temporary.write_bytes(data)
+    temporary.rename(path)
+
+
+@pytest.fixture
+def nodes(make_mount, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """node(store_name, *args, device_class=...) -> a started Mount at the shared path."""
+
+    def start(store: str, *args: str, device_class: str = CLASS) -> Mount:
+        mount: Mount = make_mount(
+            "--device-class", device_class, *args, name="node", store=tmp_path / store
+        )
+        return mount
+
+    return start
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def test_remote_url_forms() -> None:
+    plain = remote.parse_remote("redis://cache.internal:6380/2")
+    assert (plain.client_url, plain.cluster, plain.timeout) == (
+        "redis://cache.internal:6380/2",
+        False,
+        remote.DEFAULT_TIMEOUT,
+    )
+    assert remote.parse_remote("rediss://h/0").client_url == "rediss://h:6379/0"
+    for url in ("redis+cluster://h:7000", "redis://h:7000?cluster=1", "rediss+cluster://h:7000"):
+        config = remote.parse_remote(url)
+        assert config.cluster, url
+        assert "cluster" not in config.client_url
+        assert "+" not in config.client_url
+    kept = remote.parse_remote("redis://h:1/0?cluster=0&ssl_cert_reqs=none", 1.5)
+    assert (kept.cluster, kept.timeout) == (False, 1.5)
+    assert kept.client_url.endswith("?ssl_cert_reqs=none")
+    secret = remote.parse_remote("redis://user:hunter2@h:1/0")
+    assert "hunter2" not in secret.display
+    assert "user" in secret.display
+    for bad in ("http://h:1", "redis://", "redis://h:99999", "redis://h/x", "redis+cluster://h/3"):
+        with pytest.raises(UserError):
+            remote.parse_remote(bad)
+    assert remote.parse_timeout("200ms") == pytest.approx(0.2)
+    assert remote.parse_timeout("1s") == 1.0
+    for bad in ("0", "-1", "soon", "61"):
+        with pytest.raises(UserError):
+            remote.parse_timeout(bad)
+
+
+def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for args in (
+        ["--remote", "http://h:1"],
+        ["--remote-timeout", "1"],
+        ["-o", "remote=redis://h:1/0,remote_timeout=never"],
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mithrilfs",
+                "mount",
+                str(mountpoint),
+                "--store",
+                str(tmp_path / "store"),
+                "--foreground",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not os.path.ismount(mountpoint)
+
+
+def test_manifests_describe_only_their_own_entry() -> None:
+    digest = blake3.blake3(b"x").hexdigest()
+
+    def doc(entry: str, kind: str, paths: list[str], dirs: list[str] = ()) -> bytes:  # type: ignore[assignment]
+        return json.dumps(
+            {
+                "format": 1,
+                "class": CLASS,
+                "entry": entry,
+                "kind": kind,
+                "mtime_ns": 1,
+                "dirs": [{"path": d, "mode": 0o755} for d in dirs],
+                "files": [
+                    {"path": p, "mode": 0o644, "size": 1, "blake3": digest, "mtime_ns": 1}
+                    for p in paths
+                ],
+            }
+        ).encode()
+
+    def parse(entry: str, data: bytes) -> remote.Manifest:
+        return remote.Manifest.from_json(data, tuple(os.fsencode(p) for p in entry.split("/")))
+
+    ok = parse("triton/KEY", doc("triton/KEY", "dir", ["a.cubin", "sub/b"], ["sub"]))
+    assert [f.path for f in ok.files] == [(b"a.cubin",), (b"sub", b"b")]
+    assert parse("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cabc.so", "cabc.cpp"]))
+    round_trip = parse("triton/KEY", ok.to_json(CLASS))
+    assert round_trip == ok
+    hostile = [
+        ("triton/KEY", doc("triton/OTHER", "dir", ["a"])),  # not the entry asked for
+        ("triton/KEY", doc("triton/KEY", "dir", ["../escape"])),
+        ("triton/KEY", doc("triton/KEY", "dir", ["sub/b"])),  # directory not listed
+        ("triton/KEY", doc("triton/KEY", "dir", ["a", "a"])),
+        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cother.so"])),
+        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["x/cabc.so"])),
+        ("inductor/x.txt", doc("inductor/x.txt", "file", ["y.txt"])),
+        ("triton/KEY", b"not json"),
+        ("triton/KEY", doc("triton/KEY", "bogus", ["a"])),
+        ("triton/KEY", doc("triton/KEY", "dir", ["a"]).replace(digest.encode(), b"xyz")),
+    ]
+    two_sizes = json.loads(doc("triton/KEY", "dir", ["a", "b"]))
+    two_sizes["files"][1]["size"] = 2
+    empty = json.loads(doc("triton/KEY", "dir", ["a"]))
+    empty["files"][0]["blake3"] = blake3.blake3(b"").hexdigest()  # size 1: a lie
+    hostile += [
+        ("triton/KEY", json.dumps(two_sizes).encode()),
+        ("triton/KEY", json.dumps(empty).encode()),
+    ]
+    for entry, data in hostile:
+        with pytest.raises(remote.ManifestError):
+            parse(entry, data)
+
+
+def test_backoff_and_negative_cache() -> None:
+    backoff = remote.Backoff(initial=0.5, maximum=2.0)
+    assert backoff.ready(0.0)
+    assert backoff.failed(0.0) == 0.5
+    assert backoff.failed(0.1) is None  # failures of requests in flight together count once
+    assert not backoff.ready(0.4)
+    assert backoff.ready(0.5)
+    assert backoff.failed(0.6) == 1.0
+    assert backoff.failed(2.0) == 2.0
+    assert backoff.failed(5.0) == 2.0
+    assert backoff.succeeded()
+    assert backoff.ready(5.1)
+    assert not backoff.succeeded()
+
+    negative = remote.NegativeCache(ttl=30.0, max_size=4)
+    negative.add("a", 0.0)
+    assert negative.hit("a", 29.9)
+    assert not negative.hit("a", 30.0)
+    for i in range(10):
+        negative.add(i, 100.0)
+    assert len(negative) <= 4
+    assert negative.hit(9, 100.0)
+
+
+def test_publish_queue_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
+    repo = Repository.open(tmp_path / "store")
+    try:
+        config = dataclasses.replace(remote.parse_remote("redis://127.0.0.1:1/0"), queue_size=3)
+        counters = stats.Stats(CLASS)
+        tier = remote.Remote(config, repo.index, repo.content, counters, CLASS, root=1)
+        for ino in range(10, 15):
+            tier.notify(ino)
+        tier.notify(13)  # already queued: moves to the back, nothing dropped
+        assert list(tier._queue) == [12, 14, 13]
+        assert tier.backlog == 3
+        assert counters.counters[("remote_errors_total", ())] == 2
+        tier._requeue([(10, 0.0), (11, 0.0)])  # a failed round goes back in front,
+        assert list(tier._queue) == [12, 14, 13]  # where it is the oldest: dropped first
+        assert counters.counters[("remote_errors_total", ())] == 4
+        tier.close()
+    finally:
+        repo.close()
+
+
+# -- two nodes, plain files ----------------------------------------------------------------
+
+
+def populate(root: Path) -> dict[str, bytes]:
+    """Entries of every kind, written the way the compilers write them."""
+    files = {
+        "triton/KEY1/add.cubin": os.urandom(300 * 1024),
+        "triton/KEY1/add.json": b'{"name": "add"}',
+        "triton/KEY1/__grp__add.json": b'{"child_paths": {}}',
+        "inductor/fxgraph/ab/fabkey/hash1": b"fx graph " * 100,
+        "inductor/aotautograd/akey/hash2": b"aot entry",
+        "inductor/xy/cxyz.cpp": b"int f() { return 1; }",
+        "inductor/xy/cxyz.so": os.urandom(64 * 1024),
+        "inductor/locks/cxyz.lock": b"",
+    }
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.startswith("triton/"):
+            # Triton: each file goes through its own tmp.pid_* directory.
+            scratch = path.parent / f"tmp.pid_{os.getpid()}_{path.name}"
+            scratch.mkdir()
+            (scratch / path.name).write_bytes(data)
+            os.replace(scratch / path.name, path)
+            scratch.rmdir()
+        else:
+            write_atomic(path, data)
+    # An unfinished Triton entry (no group file yet) is not published.
+    (root / "triton/KEY2").mkdir()
+    (root / "triton/KEY2/half.cubin").write_bytes(b"half")
+    return files
+
+
+def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    a = nodes("a-store", "--remote", redis_server.url)
+    files = populate(a.mountpoint)
+    published = wait_for_stats(a, lambda s: s["remote"]["published"] >= 5, "publishing")
+    assert published["remote"]["errors"] == 0, published
+    a.stop()  # drains what is still queued
+
+    client = redis_server.client()
+    assert entry_keys(client) == {
+        "triton/KEY1",
+        "inductor/fxgraph/ab/fabkey",
+        "inductor/aotautograd/akey",
+        "inductor/xy/cxyz",
+    }
+    assert client.smembers(f"mithrilfs:v1:{CLASS}:dirs") >= {
+        b"inductor/fxgraph",
+        b"inductor/fxgraph/ab",
+        b"inductor/xy",
+        b"inductor/aotautograd",
+    }
+    group = manifest(client, "triton/KEY1")
+    assert group["kind"] == "dir"
+    assert sorted(f["path"] for f in group["files"]) == ["__grp__add.json", "add.cubin", "add.json"]
+    for f in group["files"]:
+        data = files[f"triton/KEY1/{f['path']}"]
+        assert f["size"] == len(data)
+        assert f["blake3"] == blake3.blake3(data).hexdigest()
+        assert object_value(client, f["blake3"]) == data
+    assert manifest(client, "inductor/xy/cxyz")["kind"] == "stem"
+
+    b = nodes(
+        "b-store",
+        "--remote",
+        redis_server.url,
+        "--metrics-listen",
+        f"127.0.0.1:{(metrics_port := free_port())}",
+    )
+    root = b.mountpoint
+    # An intermediate directory known remotely is there before any entry below it.
+    assert (root / "inductor/fxgraph/ab").is_dir()
+    assert os.listdir(root / "inductor/fxgraph/ab") == []  # listing shows only what is local
+    assert (root / "inductor/fxgraph/ab/fabkey/hash1").read_bytes() == files[
+        "inductor/fxgraph/ab/fabkey/hash1"
+    ]
+    # A Triton key directory arrives whole: the first stat brings every file.
+    assert (root / "triton/KEY1").is_dir()
+    assert sorted(os.listdir(root / "triton/KEY1")) == ["__grp__add.json", "add.cubin", "add.json"]
+    for relative, data in files.items():
+        if not relative.endswith(".lock"):
+            assert (root / relative).read_bytes() == data, relative
+    # Code-cache files sharing a stem come together.
+    assert sorted(os.listdir(root / "inductor/xy")) == ["cxyz.cpp", "cxyz.so"]
+    assert not (root / "triton/KEY2").exists()
+    assert not (root / "inductor/locks/cxyz.lock").exists()  # lock files are per node
+
+    seen = wait_for_stats(b, lambda s: s["remote"]["hits"] >= 5, "remote hits")
+    assert seen["remote"]["fetched_bytes"] >= sum(map(len, files.values()))
+    assert seen["remote"]["errors"] == 0, seen
+    assert seen["files_sealed"] == 0, "node B wrote nothing: everything came from the tier"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    assert b"mithrilfs_remote_hits_total{" in text
+    assert b"mithrilfs_remote_fetched_bytes_total{" in text
+    b.stop()
+
+    # Another device class shares the tier but not the entries.
+    c = nodes("c-store", "--remote", redis_server.url, device_class=OTHER_CLASS)
+    assert not (c.mountpoint / "triton/KEY1").exists()
+    assert not (c.mountpoint / "inductor/fxgraph").exists()
+    (c.mountpoint / "triton/KEY1").mkdir()  # and its own writes stay in its own class
+    wait_for_stats(c, lambda s: s["remote"]["misses"] >= 2, "remote misses")
+
+
+def test_two_live_nodes_and_the_kernels_negative_entries(
+    redis_server: RedisServer, make_mount, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Both nodes mounted at once (different paths: no Triton group files here)."""
+    a = make_mount("--device-class", CLASS, "--remote", redis_server.url, name="a")
+    # The fstab spelling.
+    b = make_mount(
+        "-o", f"device_class={CLASS},remote={redis_server.url},remote_timeout=5", name="b"
+    )
+    (b / "inductor/xy").mkdir()
+    so = b / "inductor/xy/cxyz.so"
+    assert not so.exists()  # the kernel now caches this miss (30 s with a tier)
+
+    (a / "inductor/xy").mkdir()
+    write_atomic(a / "inductor/xy/cxyz.cpp", b"source")
+    write_atomic(a / "inductor/xy/cxyz.so", b"\x7fELF")
+    client = redis_server.client()
+
+    def published() -> bool:
+        data = client.get(f"mithrilfs:v1:{CLASS}:entry:inductor/xy/cxyz")
+        return data is not None and len(json.loads(data)["files"]) == 2
+
+    wait_for(published, STATS_DEADLINE, "node A to publish the stem entry")
+    # Looking up the .cpp brings the .so with it, and the kernel forgets its miss.
+    assert (b / "inductor/xy/cxyz.cpp").read_bytes() == b"source"
+    assert so.read_bytes() == b"\x7fELF"
+    with so.open("r+b") as existing:  # no EEXIST from a stale negative entry
+        assert existing.read() == b"\x7fELF"
+
+
+def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:  # type: ignore[no-untyped-def]
+    # One port where nothing listens (connection refused), one that accepts and never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        for url in (
+            f"redis://127.0.0.1:{free_port()}/0",
+            f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+        ):
+            store = f"store-{url.rsplit(':', 1)[1].split('/')[0]}"
+            mount = nodes(store, "--remote", url, "--remote-timeout", "0.2")
+            root = mount.mountpoint
+            for i in range(20):
+                assert not (root / f"triton/MISSING{i}").exists()
+            key = root / "triton/KEY"
+            key.mkdir()
+            write_atomic(key / "k.cubin", b"cubin")
+            write_atomic(key / "__grp__k.json", b"{}")
+            assert (key / "k.cubin").read_bytes() == b"cubin"
+            seen = wait_for_stats(
+                mount, lambda s: s["remote"]["errors"] >= 1, "the failure to be counted"
+            )
+            assert seen["remote"]["hits"] == 0
+            assert "serving locally" in mount.log_text()
+            mount.stop()  # even with a backlog that cannot be published
+            assert mount.check_store().clean
+
+
+def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cluster = RedisCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        first, second = (server.port for server in cluster.servers[:2])
+        a = nodes("a-store", "--remote", f"redis+cluster://127.0.0.1:{first}")
+        files = populate(a.mountpoint)
+        a.stop()
+        # The other spelling, through another node of the cluster.
+        b = nodes("b-store", "--remote", f"redis://127.0.0.1:{second}/0?cluster=1")
+        for relative, data in files.items():
+            if not relative.endswith(".lock"):
+                assert (b.mountpoint / relative).read_bytes() == data, relative
+        seen = wait_for_stats(b, lambda s: s["remote"]["hits"] >= 5, "remote hits")
+        assert seen["remote"]["errors"] == 0, seen
+        b.stop()
+        # The keys are spread over the cluster's nodes.
+        holding = [server.client().dbsize() for server in cluster.servers]
+        assert sum(1 for keys in holding if keys) >= 2, holding
+    finally:
+        cluster.kill()
+
+
+def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    data = b"the real kernel"
+    digest = blake3.blake3(data).hexdigest()
+    client.set(f"mithrilfs:v1:obj:{digest}", data)
+
+    def publish(entry: str, files: list[dict[str, Any]]) -> None:
+        doc = {"format": 1, "class": CLASS, "entry": entry, "kind": "dir", "mtime_ns": 1}
+        doc.update(dirs=[], files=files)
+        client.set(f"mithrilfs:v1:{CLASS}:entry:{entry}", json.dumps(doc))
+
+    good = {"path": "k.cubin", "mode": 0o644, "size": len(data), "blake3": digest, "mtime_ns": 1}
+    publish("triton/LIE", [dict(good, size=len(data) + 100)])  # the object is not that size
+    publish("triton/ESCAPE", [dict(good, path="../../inductor/x.so")])
+    publish("triton/GONE", [dict(good, blake3="ab" * 32)])  # no such object in the tier
+    publish("triton/GOOD", [good, dict(good, path="__grp__k.json")])
+    client.sadd(f"mithrilfs:v1:{CLASS}:dirs", "inductor/fxgraph")
+    client.set(f"mithrilfs:v1:{CLASS}:entry:inductor/fxgraph", b"{}")  # a file over a directory
+
+    b = nodes("b-store", "--remote", redis_server.url, "--remote-timeout", "5")
+    root = b.mountpoint
+    for name in ("LIE", "ESCAPE", "GONE"):
+        assert not (root / "triton" / name).exists(), name
+    assert (root / "triton/GOOD/k.cubin").read_bytes() == data
+    assert (root / "inductor/fxgraph").is_dir()
+    seen = wait_for_stats(b, lambda s: s["remote"]["errors"] >= 3, "the refusals")
+    assert seen["remote"]["hits"] == 2, seen
+    b.allow_log_errors = False  # warnings only: no traceback
+    b.stop()  # the fixture's fsck must find the store clean
+
+
+# -- compilers across two nodes ---------------------------------------------------------------
+
+
+def compile_triton(mount: Mount) -> dict[str, Any]:
+    return run_workload(TRITON_KERNEL, cache_env(mount.mountpoint), "--arch", "90")
+
+
+def compile_torch(mount: Mount) -> dict[str, Any]:
+    return run_workload(TORCH_MLP, cache_env(mount.mountpoint))
+
+
+def fx_counts(result: dict[str, Any]) -> tuple[int, int]:
+    counters = result["inductor"]
+    return counters.get("fxgraph_cache_hit", 0), counters.get("fxgraph_cache_miss", 0)
+
+
+@pytest.mark.compilers
+def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    # A generous budget: this test is about what is shared, not about speed.
+    args = ("--remote", redis_server.url, "--remote-timeout", "5")
+    a = nodes("a-store", *args)
+    cold_triton = compile_triton(a)
+    assert cold_triton["cache_hit"] is False, cold_triton
+    cold_torch = compile_torch(a)
+    assert fx_counts(cold_torch)[1] > 0, cold_torch
+    a.stop()
+    client = redis_server.client()
+    keys = entry_keys(client)
+    assert any(k.startswith("triton/") for k in keys), keys
+    assert any(k.startswith("inductor/fxgraph/") for k in keys), keys
+
+    b = nodes("b-store", *args)
+    warm_triton = compile_triton(b)
+    assert warm_triton["cache_hit"] is True, warm_triton
+    assert warm_triton["asm"] == cold_triton["asm"]
+    warm_torch = compile_torch(b)
+    hit, miss = fx_counts(warm_torch)
+    assert hit > 0, warm_torch
+    assert miss == 0, warm_torch
+    assert warm_torch["checksum"] == cold_torch["checksum"]
+    seen = wait_for_stats(b, lambda s: s["remote"]["hits"] > 0, "remote hits")
+    assert seen["remote"]["fetched_bytes"] > 0, seen
+    assert seen["remote"]["errors"] == 0, seen
+    # Nothing was compiled on B: every .so and cubin came from the tier.
+    produced = [p for p in Path(b.mountpoint).rglob("*") if p.suffix in (".so", ".cubin")]
+    assert produced
+    assert seen["files_sealed"] == 0, seen
+    b.stop()
+
+    other = nodes("c-store", "--remote", redis_server.url, device_class=OTHER_CLASS)
+    assert compile_triton(other)["cache_hit"] is False
+
+
+@pytest.mark.compilers
+def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    a = nodes("a-store", "--remote", redis_server.url)
+    client = redis_server.client()
+    job = subprocess.Popen(
+        [sys.executable, str(TORCH_MLP)],
+        env=cache_env(a.mountpoint),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The job is under way once its first entry reached the tier.
+        wait_for(
+            lambda: bool(entry_keys(client)),
+            120,
+            "a first published entry",
+            alive=lambda: job.poll() is None,
+        )
+        redis_server.kill()
+        out, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, err  # it ran to the end, correct (the workload checks)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert fx_counts(result)[1] > 0
+    down = wait_for_stats(
+        a,
+        lambda s: s["remote"]["errors"] >= 1 and s["remote"]["publish_backlog"] > 0,
+        "errors counted and a backlog",
+    )
+    assert down["remote"]["hits"] == 0
+
+    redis_server.start()  # same port, empty: no persistence
+    wait_for(
+        lambda: (
+            summary(a)["remote"]["publish_backlog"] == 0
+            and any(k.startswith("inductor/fxgraph/") for k in entry_keys(client))
+        ),
+        PUBLISH_DEADLINE,
+        "the backlog to drain",
+    )
+    # Every object a published manifest names is in the tier.
+    client = redis_server.client()
+    for key in entry_keys(client):
+        for f in manifest(client, key)["files"]:
+            if f["size"]:
+                value = object_value(client, f["blake3"])
+                assert value is not None
+                assert blake3.blake3(value).hexdigest() == f["blake3"]
+
+
+@pytest.mark.compilers
+def test_tampered_object_is_refused_and_repaired(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    args = ("--remote", redis_server.url, "--remote-timeout", "5")
+    a = nodes("a-store", *args)
+    cold = compile_triton(a)
+    a.stop()
+    client = redis_server.client()
+    (key,) = [k for k in entry_keys(client) if k.startswith("triton/")]
+    (cubin,) = [f for f in manifest(client, key)["files"] if f["path"].endswith(".cubin")]
+    good = object_value(client, cubin["blake3"])
+    client.set(f"mithrilfs:v1:obj:{cubin['blake3']}", b"\x7fELF not the kernel")
+
+    b = nodes("b-store", *args)
+    warm = compile_triton(b)
+    assert warm["cache_hit"] is False, "a tampered entry must not be served"
+    assert warm["asm"] == cold["asm"]  # compiled locally, correct
+    seen = wait_for_stats(
+        b, lambda s: s["remote"]["errors"] >= 1 and s["integrity_failures"] >= 1, "the refusal"
+    )
+    assert seen["remote"]["hits"] == 0
+    b.stop()  # publishes B's own build, overwriting the bad copy
+    assert object_value(client, cubin["blake3"]) == good
