@@ -30,6 +30,26 @@ UNMOUNT_DEADLINE = 30.0
 
 faulthandler.enable()
 
+REPO = Path(__file__).resolve().parent.parent
+CLI_TIMEOUT = 60
+
+
+def run_cli(
+    *args: str | os.PathLike[str], cwd: Path | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mithrilfs ARGS`` in a fresh process, output captured."""
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=CLI_TIMEOUT,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        **kwargs,
+    )
+
 
 def wait_for(predicate, timeout: float, what: str, alive=None) -> None:  # type: ignore[no-untyped-def]
     """Poll *predicate* until it holds; fail with *what* at the deadline."""

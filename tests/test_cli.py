@@ -12,7 +12,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +20,9 @@ from conftest import Mount, wait_for
 
 from mithrilfs import fsck
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
+from tests.conftest import run_cli
 
-CLI_TIMEOUT = 60
-
-
-def mithrilfs(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+mithrilfs = run_cli
 
 
 def assert_refused(

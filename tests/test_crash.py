@@ -39,7 +39,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -58,6 +57,7 @@ from conftest import Mount, wait_for
 from mithrilfs.mounts import find_mount, is_stale
 from mithrilfs.repository import holder_pid
 from mithrilfs.store import ContentStore
+from tests.conftest import run_cli
 
 fork = multiprocessing.get_context("fork")
 
@@ -66,7 +66,6 @@ SEED = int(os.environ.get("MITHRILFS_CRASH_SEED", str(random.randrange(2**32))))
 # How long after every worker has started the daemon is killed (seconds).
 KILL_DELAY = (0.02, 0.8)
 DEADLINE = 30.0
-CLI_TIMEOUT = 60
 
 DIR = "dir"
 ABSENT = None
@@ -438,15 +437,7 @@ WORKERS = [("triton", 3), ("inductor", 2), ("in_place", 2), ("reader", 2)]
 # -- the daemon, started both ways and killed like a crash -----------------------
 
 
-def mithrilfs(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+mithrilfs = run_cli
 
 
 def process_gone(pid: int) -> bool:

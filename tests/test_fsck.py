@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Mount
 
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.store import EMPTY_DIGEST, ContentStore
+from tests.conftest import CLI_TIMEOUT, Mount, run_cli
 
-CLI_TIMEOUT = 60
 DEVICE_CLASS = "cuda-sm90"
 
 # The store every case starts from (paths from the mount root).  Cache entries:
@@ -57,16 +56,7 @@ TREE: dict[str, bytes] = {
 }
 
 
-def mithrilfs(*args: str | os.PathLike[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT,
-        check=False,
-        **kwargs,
-    )
+mithrilfs = run_cli
 
 
 def write_tree(root: Path, tree: dict[str, bytes]) -> None:

@@ -38,29 +38,17 @@ from test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 from mithrilfs import stats
 from mithrilfs.repository import INDEX_NAME, holder_pid
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_CLASS = "cuda-sm90"
 SETTLE_DEADLINE = 30.0
-CLI_TIMEOUT = 60
 KiB = 1024
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def mithrilfs(
-    *args: str | os.PathLike[str], cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT,
-        check=False,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+mithrilfs = run_cli
 
 
 def free_port() -> int:
