@@ -156,21 +156,25 @@ def _parser() -> argparse.ArgumentParser:
         "to stay under it",
     )
     mount.add_argument(
-        "--max-age", metavar="DURATION",
+        "--max-age",
+        metavar="DURATION",
         help="also drop entries not read for this long, e.g. 7d, 12h",
     )
     mount.add_argument(
-        "--metrics-listen", metavar="HOST:PORT",
+        "--metrics-listen",
+        metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     mount.add_argument(
-        "--remote", metavar="URL",
+        "--remote",
+        metavar="URL",
         help="share entries with other nodes of this device class through Redis/Valkey: "
         "redis://HOST:PORT/DB, rediss://... (TLS), redis+cluster://HOST:PORT (Redis "
         "Cluster; or ?cluster=1); see docs/remote.md",
     )
     mount.add_argument(
-        "--remote-timeout", metavar="SECONDS",
+        "--remote-timeout",
+        metavar="SECONDS",
         help="time a lookup may wait for the shared tier before answering locally "
         "(default 0.2; plus fetch time for large entries)",
     )
@@ -253,13 +257,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_eviction_parsers(sub)
 
     stats = sub.add_parser(
-        "stats", help="hit rate, dedup, usage against the cap, evictions",
+        "stats",
+        help="hit rate, dedup, usage against the cap, evictions",
         description="Show a store's counters and gauges: from a mount (MOUNTPOINT) or a "
         "store directory (--store). Values are saved by the daemon every second; reading "
         "them never disturbs it.",
     )
-    stats.add_argument("mountpoint", type=Path, nargs="?", default=None,
-                       help="a mithrilfs mount (default: the store given by --store)")
+    stats.add_argument(
+        "mountpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="a mithrilfs mount (default: the store given by --store)",
+    )
     _store_argument(stats)
     stats.add_argument("--json", action="store_true", help="print the stable JSON form")
     stats.set_defaults(command=_cmd_stats)
@@ -338,8 +348,14 @@ def _optional(text: str | None, parse: Callable[[str], T]) -> T | None:
 def _parse_mount_options(text: str) -> dict[str, str]:
     known_flags = {"allow_other", "ro", "foreground"}
     known_values = {
-        "device_class", "store", "log_level", "cap", "max_age", "metrics_listen",
-        "remote", "remote_timeout",
+        "device_class",
+        "store",
+        "log_level",
+        "cap",
+        "max_age",
+        "metrics_listen",
+        "remote",
+        "remote_timeout",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):

@@ -268,7 +268,8 @@ class Evictor:
                 pass
             if result.entries:
                 log.debug(
-                    "culled %d entries (%d bytes) inside a request", result.entries,
+                    "culled %d entries (%d bytes) inside a request",
+                    result.entries,
                     result.bytes_freed,
                 )
         self._wake.set()

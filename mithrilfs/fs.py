@@ -242,7 +242,9 @@ class Operations(pyfuse3.Operations):
         """An object no longer matches its hash: never serve it again."""
         log.error(
             "object %s (opened as inode %d) does not match its hash; dropping every cache "
-            "entry that uses it", digest.hex(), ino,
+            "entry that uses it",
+            digest.hex(),
+            ino,
         )
         self.stats.inc("integrity_failures_total")
         self.evictor.remove_entries(self.index.entries_using(digest), "integrity")

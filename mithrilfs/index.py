@@ -827,10 +827,13 @@ class Index:
         ).fetchone()
         if row is None or not row[0].startswith(b"d"):
             return False
-        return self.db.execute(
-            "SELECT 1 FROM entries WHERE parent=? AND name >= ? AND name < ? LIMIT 1",
-            (row[1], b"tmp.", b"tmp/"),
-        ).fetchone() is not None
+        return (
+            self.db.execute(
+                "SELECT 1 FROM entries WHERE parent=? AND name >= ? AND name < ? LIMIT 1",
+                (row[1], b"tmp.", b"tmp/"),
+            ).fetchone()
+            is not None
+        )
 
     def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
         """(inode, object digest) of every file in a cache entry."""
@@ -840,9 +843,12 @@ class Index:
 
     def entries_using(self, digest: bytes) -> list[int]:
         """The cache entries with a linked file whose content is *digest*."""
-        return [row[0] for row in self.db.execute(
-            "SELECT DISTINCT entry FROM inodes WHERE object=? AND entry IS NOT NULL", (digest,)
-        )]
+        return [
+            row[0]
+            for row in self.db.execute(
+                "SELECT DISTINCT entry FROM inodes WHERE object=? AND entry IS NOT NULL", (digest,)
+            )
+        ]
 
     def entry_files(self, entry_id: int) -> list[int]:
         return [

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, wait_for
 
 from mithrilfs import fsck
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
-from tests.conftest import run_cli
+from tests.conftest import Mount, run_cli, wait_for
 
 mithrilfs = run_cli
 

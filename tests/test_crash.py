@@ -52,12 +52,11 @@ from typing import Any
 
 import blake3
 import pytest
-from conftest import Mount, wait_for
 
 from mithrilfs.mounts import find_mount, is_stale
 from mithrilfs.repository import holder_pid
 from mithrilfs.store import ContentStore
-from tests.conftest import run_cli
+from tests.conftest import Mount, run_cli, wait_for
 
 fork = multiprocessing.get_context("fork")
 

@@ -30,11 +30,11 @@ from typing import Any
 
 import blake3
 import pytest
-from conftest import Mount, wait_for
 
 from mithrilfs.eviction import CLOCK_OFFSET_ENV, LOW_WATERMARK
 from mithrilfs.repository import Repository
 from mithrilfs.store import EMPTY_DIGEST
+from tests.conftest import Mount, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -24,12 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 
 from mithrilfs import doctor, fsck
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.mounts import FSTYPE, find_mount
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
+from tests.conftest import wait_for
 
 VENV_BIN = Path(sys.executable).parent
 HELPER_LINK = Path("/usr/local/sbin/mithrilfs")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, wait_for
 from test_eviction import (
     DEADLINE,
     Entry,
@@ -38,6 +37,7 @@ from mithrilfs.cli import main
 from mithrilfs.control import CONTROL_DIR, REQUEST_SUFFIX, SERVING_NAME, Request
 from mithrilfs.eviction import CLOCK_OFFSET_ENV
 from mithrilfs.repository import Repository
+from tests.conftest import Mount, wait_for
 
 DAY = 86400
 

@@ -75,9 +75,20 @@ def test_read_only_store_is_refused_cleanly(tmp_path: Path) -> None:
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(store)], check=True)
         result = subprocess.run(
-            [sys.executable, "-m", "mithrilfs", "mount", str(mountpoint), "--store", str(store),
-             "--foreground"],
-            capture_output=True, text=True, check=False, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "mithrilfs",
+                "mount",
+                str(mountpoint),
+                "--store",
+                str(store),
+                "--foreground",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
         )
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)
@@ -96,6 +107,7 @@ def test_unwritable_mountpoint_is_refused_for_an_unprivileged_user(tmp_path: Pat
     interpreter is already loaded, so no second Python install is needed.
     """
     from mithrilfs import cli, daemon  # imported before dropping privileges: the
+
     del daemon  # interpreter's own files may not be readable by that user
 
     mountpoint = tmp_path / "mnt"

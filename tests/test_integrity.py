@@ -29,7 +29,9 @@ def object_path(store: Path, content: bytes) -> Path:
 def stats_json(mount) -> dict:  # type: ignore[no-untyped-def]
     out = subprocess.run(
         [sys.executable, "-m", "mithrilfs", "stats", "--store", str(mount.store), "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out)  # type: ignore[no-any-return]
 

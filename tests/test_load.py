@@ -40,9 +40,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import Mount
-
 from mithrilfs.mounts import find_mount
+from tests.conftest import Mount
 
 fork = multiprocessing.get_context("fork")
 

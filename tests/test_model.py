@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis.strategies as st
-from conftest import Mount
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -46,6 +45,7 @@ from hypothesis.stateful import (
 )
 
 from mithrilfs.mounts import find_mount
+from tests.conftest import Mount
 
 RANDOM = os.environ.get("MITHRILFS_MODEL_RANDOM") == "1"
 SETTINGS = settings(

@@ -26,7 +26,9 @@ def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
     """Run *command* as an unprivileged user (uid/gid 65534, no groups)."""
     return subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *command],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 

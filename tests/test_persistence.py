@@ -12,7 +12,7 @@ import random
 import stat
 from pathlib import Path
 
-from conftest import Mount
+from tests.conftest import Mount
 
 MiB = 1024 * 1024
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import blake3
 import pytest
-from conftest import Mount
 
 from mithrilfs.repository import Repository
 from mithrilfs.store import EMPTY_DIGEST
+from tests.conftest import Mount
 
 MiB = 1024 * 1024
 # Processes that race each other are forked so that they start in

@@ -118,9 +118,17 @@ def overlay(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
         for directory in (upper, work, merged):
             directory.mkdir()
         subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
-            check=True, capture_output=True,
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={lower},upperdir={upper},workdir={work}",
+                str(merged),
+            ],
+            check=True,
+            capture_output=True,
         )
         mounted.append(merged)
         return merged

@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 from mithrilfs import stats
 from mithrilfs.repository import INDEX_NAME, holder_pid
-from tests.conftest import run_cli
+from tests.conftest import Mount, run_cli, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_CLASS = "cuda-sm90"
@@ -312,9 +311,10 @@ def test_counters_match_what_the_test_did(make_mount) -> None:  # type: ignore[n
     assert change["files_sealed"] == 0
     samples = observer.agree(done)
     dc = DEVICE_CLASS
-    assert sample(
-        samples, "mithrilfs_lookups_total", result="miss", layout="triton", device_class=dc
-    ) == done["lookups"]["by_layout"]["triton"]["miss"]
+    assert (
+        sample(samples, "mithrilfs_lookups_total", result="miss", layout="triton", device_class=dc)
+        == done["lookups"]["by_layout"]["triton"]["miss"]
+    )
     assert sample(samples, "mithrilfs_opens_total", layout="inductor", device_class=dc) >= 3
 
 
@@ -339,8 +339,12 @@ def test_expiry_is_counted_with_reason_max_age(make_mount) -> None:  # type: ign
         db.execute("UPDATE cache_entries SET last_read=0")
     db.close()
     mount.start(
-        "--device-class", DEVICE_CLASS, "--metrics-listen", f"127.0.0.1:{observer.port}",
-        "--max-age", "7d",
+        "--device-class",
+        DEVICE_CLASS,
+        "--metrics-listen",
+        f"127.0.0.1:{observer.port}",
+        "--max-age",
+        "7d",
     )
     index = mount.store / INDEX_NAME
     wait_for(
@@ -502,8 +506,10 @@ def test_metrics_exposition_follows_conventions(make_mount) -> None:  # type: ig
     ), text
     samples = parse_samples(text)
     dc = DEVICE_CLASS
-    assert sample(samples, "mithrilfs_lookups_total", result="hit", layout="triton",
-                  device_class=dc) >= 1
+    assert (
+        sample(samples, "mithrilfs_lookups_total", result="hit", layout="triton", device_class=dc)
+        >= 1
+    )
     assert sample(samples, "mithrilfs_files_sealed_total", device_class=dc) == 2
     assert sample(samples, "mithrilfs_dedup_hits_total", device_class=dc) == 1
     assert sample(samples, "mithrilfs_opens_total", layout="triton", device_class=dc) == 1
@@ -543,15 +549,24 @@ def test_foreground_logs_to_stderr(tmp_path: Path) -> None:
     mountpoint.mkdir()
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mithrilfs", "mount", str(mountpoint), "--store", str(store),
-             "--foreground"],
+            [
+                sys.executable,
+                "-m",
+                "mithrilfs",
+                "mount",
+                str(mountpoint),
+                "--store",
+                str(store),
+                "--foreground",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
     try:
-        wait_for(lambda: os.path.ismount(mountpoint), 30, "the mount",
-                 alive=lambda: proc.poll() is None)
+        wait_for(
+            lambda: os.path.ismount(mountpoint), 30, "the mount", alive=lambda: proc.poll() is None
+        )
         (mountpoint / "triton" / "f").write_bytes(b"x")
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
         assert proc.wait(timeout=30) == 0
@@ -581,9 +596,7 @@ def daemons() -> Iterator[list[tuple[Path, Path]]]:
             os.kill(pid, 9)
 
 
-def mount_daemon_and_unmount(
-    daemons: list[tuple[Path, Path]], tmp_path: Path, *args: str
-) -> Path:
+def mount_daemon_and_unmount(daemons: list[tuple[Path, Path]], tmp_path: Path, *args: str) -> Path:
     """`mithrilfs mount` (daemonized) from *tmp_path*, write a file, `mithrilfs umount`."""
     store, mountpoint = tmp_path / "store", tmp_path / "mnt"
     mountpoint.mkdir()
