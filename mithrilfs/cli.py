@@ -66,7 +66,7 @@ _IGNORED_MOUNT_OPTIONS = frozenset(
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if len(args) >= 2 and args[0] not in _subcommands(parser) and not args[0].startswith("-"):
+    if _is_helper_form(args, _subcommands(parser)):
         args = _helper_form(args)
     options = parser.parse_args(args)
     if not hasattr(options, "command"):
@@ -99,6 +99,14 @@ def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
         if isinstance(action, argparse._SubParsersAction):
             return set(action.choices)
     return set()
+
+
+def _is_helper_form(args: list[str], subcommands: set[str]) -> bool:
+    """mount.fuse3 passes a store path, a mountpoint, then options; a mistyped
+    command with two arguments must still get argparse's 'invalid choice'."""
+    if len(args) < 2 or args[0] in subcommands or args[0].startswith("-"):
+        return False
+    return "/" in args[0] or args[2:3] == ["-o"]
 
 
 def _helper_form(args: list[str]) -> list[str]:

@@ -244,3 +244,11 @@ def test_daemonized_mount_is_ready_on_return_and_umount_frees_the_store(
     finally:
         repo.close()
     assert mithrilfs("fsck", "--store", store).returncode == 0
+
+
+def test_a_mistyped_command_is_not_taken_for_the_mount_helper_form(tmp_path: Path) -> None:
+    """Only 'STORE-PATH MOUNTPOINT [-o ...]' is the form mount(8) uses."""
+    result = mithrilfs("moutn", tmp_path)
+    assert result.returncode == 2
+    assert "invalid choice: 'moutn'" in result.stderr
+    assert "Traceback" not in result.stderr
