@@ -12,8 +12,6 @@ Besides the subcommands, mount(8) calls helpers as
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
 import os
 import sqlite3
@@ -28,7 +26,12 @@ from mithrilfs.errors import UserError
 from mithrilfs.eviction import check_path_pattern, parse_duration, parse_size
 from mithrilfs.metrics import parse_listen
 from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
-from mithrilfs.repository import LOCK_NAME, Repository, default_store_dir, holder_pid
+from mithrilfs.repository import (
+    Repository,
+    default_store_dir,
+    holder_pid,
+    store_in_use,
+)
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig
@@ -410,22 +413,11 @@ def _cmd_umount(options: argparse.Namespace) -> int:
 def _wait_for_store_release(store: Path, timeout: float) -> bool:
     """Poll the store lock until the daemon lets go of it, or the deadline passes."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(store / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-        finally:
-            os.close(fd)
+    while store_in_use(store):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    return True
 
 
 # -- offline store commands ------------------------------------------------------

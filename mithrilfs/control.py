@@ -27,8 +27,6 @@ older than an hour are removed the next time the daemon answers.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -58,7 +56,7 @@ from mithrilfs.eviction import (
     select_entries,
 )
 from mithrilfs.index import EvictedEntry, Index
-from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
+from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
 from mithrilfs.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -251,24 +249,11 @@ def perform(store: Path, request: Request, timeout: float = DEFAULT_TIMEOUT) -> 
 
 def serving_daemon(store: Path) -> int | None:
     """The pid of the daemon serving *store*; None when no process holds the store."""
-    lock = store / LOCK_NAME
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+        if not store_in_use(store):
+            return None
     except OSError as exc:
-        raise UserError(f"cannot read {lock}: {exc.strerror}", 2) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None  # nobody holds it
-    finally:
-        os.close(fd)
+        raise UserError(f"cannot read {store / LOCK_NAME}: {exc.strerror}", 2) from None
     pid = holder_pid(store)
     if pid is None or _serving_pid(store) != pid:
         holder = f"mithrilfs pid {pid}" if pid else "another process"

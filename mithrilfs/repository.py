@@ -163,6 +163,23 @@ class Repository:
         os.close(self._lock_fd)
 
 
+def store_in_use(root: Path) -> bool:
+    """True while some process holds the store's lock (probed, never kept)."""
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock too
+    return False
+
+
 def _create_private(path: Path) -> None:
     """Create *path* readable by its owner only; SQLite gives its -wal and -shm
     files the same mode as the database file."""

@@ -8,7 +8,6 @@ daemonized form of ``mount`` returns only once the mount serves, and
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mithrilfs import fsck
-from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
+from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
 from tests.conftest import Mount, run_cli, wait_for
 
 mithrilfs = run_cli
@@ -231,11 +230,7 @@ def test_daemonized_mount_is_ready_on_return_and_umount_frees_the_store(
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mountpoint)
     # umount returned only after the daemon released the store lock.
-    fd = os.open(store / LOCK_NAME, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
+    assert not store_in_use(store)
     wait_for(lambda: process_gone(pid), 30, f"daemon pid {pid} to exit")
     assert "Traceback" not in log.read_text()
     repo = Repository.open(store, create=False)

@@ -12,8 +12,6 @@ fsck; whatever happens, nothing stays mounted and no daemon stays alive.
 from __future__ import annotations
 
 import configparser
-import errno
-import fcntl
 import os
 import shlex
 import shutil
@@ -28,7 +26,7 @@ import pytest
 from mithrilfs import doctor, fsck
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.mounts import FSTYPE, find_mount
-from mithrilfs.repository import LOCK_NAME, Repository, holder_pid
+from mithrilfs.repository import Repository, holder_pid, store_in_use
 from tests.conftest import wait_for
 
 VENV_BIN = Path(sys.executable).parent
@@ -74,19 +72,7 @@ def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def store_released(store: Path) -> bool:
-    try:
-        fd = os.open(store / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
-        return False
-    finally:
-        os.close(fd)
+    return not store_in_use(store)
 
 
 def force_cleanup(mountpoint: Path, store: Path) -> None:
