@@ -774,21 +774,20 @@ class Index:
             if link is None:
                 return None
             directory, leaf = link
-        names: list[bytes] = [leaf] if leaf else []
-        ino = directory
-        while True:
-            link = self.db.execute(
-                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
-            ).fetchone()
-            if link is None:
-                return None  # detached
-            if link[0] == SUPER_ROOT:
-                return link[1], b"/".join(reversed(names))
-            names.append(link[1])
-            ino = link[0]
+        climbed = self._climb(directory)
+        if climbed is None:
+            return None
+        device_class, names = climbed
+        return device_class, b"/".join([*names, leaf] if leaf else names)
 
     def class_of(self, directory: int) -> bytes | None:
         """The device class whose tree holds *directory* (None when detached)."""
+        climbed = self._climb(directory)
+        return None if climbed is None else climbed[0]
+
+    def _climb(self, directory: int) -> tuple[bytes, list[bytes]] | None:
+        """(device class, names from the class root down to *directory*), None if detached."""
+        names: list[bytes] = []
         ino = directory
         while True:
             link = self.db.execute(
@@ -797,8 +796,8 @@ class Index:
             if link is None:
                 return None
             if link[0] == SUPER_ROOT:
-                name: bytes = link[1]
-                return name
+                return link[1], names[::-1]
+            names.append(link[1])
             ino = link[0]
 
     def entry_content(self, entry_id: int) -> list[tuple[bytes, int, int, int]]:
