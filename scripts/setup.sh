@@ -29,12 +29,13 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
     exit 1
 fi
 
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [[ ! -f $stamp ]]; then
     [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
-    # torch==2.13.0 is the CPU build; pinning it keeps pip from fetching a CUDA build.
-    .venv/bin/python -m pip install -q -e '.[compilers,test,bench]'
+    # The tested set (constraints.txt): torch==2.13.0 is the CPU build on this
+    # machine's disk; pinning it keeps pip from fetching a CUDA build.
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[compilers,test,bench]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
