@@ -15,7 +15,7 @@ by one JSON line, ``{"ok": true, "result": {...}}`` or ``{"ok": false,
 "error": "...", "exit_code": N}``; then the daemon closes.  A request is at
 most MAX_REQUEST bytes and must arrive within CONNECTION_TIMEOUT; a peer
 that sends half a request and goes silent is disconnected.  At most
-MAX_CONNECTIONS are served at once; more get a "busy" answer at once.
+MAX_CONNECTIONS are served at once; more wait in the kernel's backlog.
 Nothing a peer sends can stop the daemon: every failure of a connection
 ends that connection only.
 
@@ -35,6 +35,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ MAX_CONNECTIONS = 32
 # accept() failing for lack of descriptors or memory: wait, never give up serving.
 _EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PEERCRED = struct.Struct("3i")
+_TOO_LONG = "request longer than"
 
 
 class RequestError(Exception):
@@ -164,36 +166,35 @@ async def serve(
 ) -> None:
     """Answer connections on *listening* until cancelled."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(listening.sock.dup()))
-    active = 0
+    # Past MAX_CONNECTIONS nothing more is accepted: the kernel's backlog holds
+    # the rest until a slot frees (a silent peer holds one for the timeout at most).
+    slots = trio.Semaphore(MAX_CONNECTIONS)
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
         while True:
+            await slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
+                slots.release()
                 if exc.errno not in _EXHAUSTION:
                     raise
                 log.warning("admin socket: cannot accept a connection: %s", exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            if active >= MAX_CONNECTIONS:
-                nursery.start_soon(_refuse_busy, stream)
-                continue
-            active += 1
-
-            async def converse(stream: trio.SocketStream = stream) -> None:
-                nonlocal active
-                try:
-                    await _converse(stream, handle)
-                finally:
-                    active -= 1
-
-            nursery.start_soon(converse)
+            except BaseException:
+                slots.release()
+                raise
+            nursery.start_soon(_converse_in_slot, stream, handle, slots)
 
 
-async def _refuse_busy(stream: trio.SocketStream) -> None:
-    async with stream:
-        await _send(stream, _error("the daemon is busy with other admin requests; retry", 1))
+async def _converse_in_slot(
+    stream: trio.SocketStream, handle: Handler, slots: trio.Semaphore
+) -> None:
+    try:
+        await _converse(stream, handle)
+    finally:
+        slots.release()
 
 
 async def _converse(stream: trio.SocketStream, handle: Handler) -> None:
@@ -209,6 +210,8 @@ async def _converse(stream: trio.SocketStream, handle: Handler) -> None:
             except RequestError as exc:
                 reply = _error(str(exc), exc.exit_code)
             await _send(stream, reply)
+            if str(reply.get("error", "")).startswith(_TOO_LONG):
+                await _discard_rest(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; nothing to answer
         except Exception:
@@ -226,8 +229,20 @@ async def _receive_request(stream: trio.SocketStream) -> bytes:
             break  # the peer shut down its side: what came is the request
         received += chunk
         if len(received) > MAX_REQUEST:
-            raise RequestError(f"request longer than {MAX_REQUEST} bytes")
+            raise RequestError(f"{_TOO_LONG} {MAX_REQUEST} bytes")
     return bytes(received.partition(b"\n")[0])
+
+
+async def _discard_rest(stream: trio.SocketStream) -> None:
+    """Read what an oversized request still sends (bounded) so that the answer reaches it.
+
+    Closing a Unix socket with unread data resets the connection, and the
+    peer would see the reset instead of the answer waiting for it.
+    """
+    budget = 16 * MAX_REQUEST
+    with trio.move_on_after(CONNECTION_TIMEOUT):
+        while budget > 0 and (chunk := await stream.receive_some(65536)):
+            budget -= len(chunk)
 
 
 def parse_request(text: bytes) -> dict[str, Any]:
@@ -287,12 +302,16 @@ def ask(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(wait)
         try:
-            sock.connect(os.fspath(path))
+            _connect(sock, path, wait)
         except (FileNotFoundError, ConnectionRefusedError):
             raise UserError(
                 f"the daemon serving {mountpoint} takes no admin requests "
                 f"(nothing listens at {path}); remount it with this version",
                 1,
+            ) from None
+        except TimeoutError:
+            raise UserError(
+                f"the daemon serving {mountpoint} accepted no connection within {wait:g}s", 1
             ) from None
         except OSError as exc:
             raise UserError(f"cannot reach the admin socket {path}: {exc.strerror}", 1) from None
@@ -321,6 +340,20 @@ def ask(
         raise UserError(str(reply.get("error")), int(reply.get("exit_code") or 1))
     result: dict[str, Any] = reply["result"]
     return result
+
+
+def _connect(sock: socket.socket, path: Path, wait: float) -> None:
+    """Connect, waiting (up to *wait*) while the daemon's backlog is full."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock.connect(os.fspath(path))
+            return
+        except BlockingIOError:
+            # A Unix socket with a full backlog refuses a connect with a timeout (EAGAIN).
+            if time.monotonic() > deadline:
+                raise TimeoutError from None
+            time.sleep(0.05)
 
 
 def _receive_reply(sock: socket.socket) -> bytes:
