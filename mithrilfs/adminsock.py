@@ -57,7 +57,6 @@ MAX_CONNECTIONS = 32
 # accept() failing for lack of descriptors or memory: wait, never give up serving.
 _EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PEERCRED = struct.Struct("3i")
-_TOO_LONG = "request longer than"
 
 
 class RequestError(Exception):
@@ -66,6 +65,10 @@ class RequestError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RequestTooLong(RequestError):
+    """More than MAX_REQUEST bytes without the end of the line."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +210,13 @@ async def _converse(stream: trio.SocketStream, handle: Handler) -> None:
                 if waiting.cancelled_caught:
                     return  # half a request, then silence: hang up
                 reply = {"ok": True, "result": await handle(peer, parse_request(text))}
+            except RequestTooLong as exc:
+                await _send(stream, _error(str(exc), exc.exit_code))
+                await _discard_rest(stream)
+                return
             except RequestError as exc:
                 reply = _error(str(exc), exc.exit_code)
             await _send(stream, reply)
-            if str(reply.get("error", "")).startswith(_TOO_LONG):
-                await _discard_rest(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away; nothing to answer
         except Exception:
@@ -229,7 +234,7 @@ async def _receive_request(stream: trio.SocketStream) -> bytes:
             break  # the peer shut down its side: what came is the request
         received += chunk
         if len(received) > MAX_REQUEST:
-            raise RequestError(f"{_TOO_LONG} {MAX_REQUEST} bytes")
+            raise RequestTooLong(f"request longer than {MAX_REQUEST} bytes")
     return bytes(received.partition(b"\n")[0])
 
 
@@ -255,6 +260,9 @@ def parse_request(text: bytes) -> dict[str, Any]:
         raise RequestError("request is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RequestError(f"request is not JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:
+        # An integer of thousands of digits, arrays nested thousands deep.
+        raise RequestError(f"request is not usable JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise RequestError("request must be a JSON object")
     if data.get("version") != PROTOCOL_VERSION:

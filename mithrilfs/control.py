@@ -65,6 +65,8 @@ OPS = ("whoami", "stats", *COMMANDS)
 # The command waits this much longer than the daemon's own bound on the work,
 # so that the daemon's answer (stopped, or done) still reaches it.
 ANSWER_MARGIN = 5.0
+# Durations beyond this (about 146 years) do not fit the nanosecond clock; NaN fails too.
+MAX_SECONDS = float((1 << 62) // NS)
 
 T = TypeVar("T")
 
@@ -89,8 +91,8 @@ class Request:
             raise UserError(f"unknown control command '{self.command}'", 2)
         if self.to is not None and self.to < 1:
             raise UserError(f"invalid size {self.to}: must be at least 1 byte", 2)
-        if self.older_than is not None and self.older_than < 0:
-            raise UserError("invalid duration: must not be negative", 2)
+        if self.older_than is not None and not 0 <= self.older_than < MAX_SECONDS:
+            raise UserError("invalid duration: must be a number of seconds, not negative", 2)
         if self.path is not None:
             check_path_pattern(self.path)
         if self.command == "evict" and self.selection() == Selection():
@@ -410,6 +412,8 @@ class AdminService:
         self, request: Request, scope: Scope, peer: Peer, message: dict[str, Any]
     ) -> Outcome:
         timeout = _optional(message, "timeout", float) or DEFAULT_TIMEOUT
+        if not 0 < timeout < MAX_SECONDS:
+            raise RequestError("'timeout' must be a positive number of seconds")
         with trio.move_on_after(timeout) as bounded:
             outcome = await _run_async(execute(request, self.evictor, scope))
         if bounded.cancelled_caught:

@@ -384,6 +384,11 @@ GARBAGE = [
     (b'{"version": 1, "op": "gc", "to": true}\n', "'to' must be an integer"),
     (b'{"version": 1, "op": "evict", "path": "/etc/*"}\n', "invalid path pattern"),
     (b'{"version": 1, "op": "evict"}\n', "choose the entries to evict"),
+    (b'{"version": 1, "op": "evict", "older_than": NaN}\n', "invalid duration"),
+    (b'{"version": 1, "op": "evict", "older_than": 1e999}\n', "invalid duration"),
+    (b'{"version": 1, "op": "evict", "path": "*", "timeout": -1}\n', "'timeout' must be"),
+    (b'{"version": 1, "op": "gc", "to": 1' + b"0" * 5000 + b"}\n", "not usable JSON"),
+    (b"[" * 60_000 + b"\n", "not usable JSON"),
     (b"x" * (adminsock.MAX_REQUEST + 10), "longer than"),
     (b'{"version": 1, "op": "whoami", "pad": "' + b"y" * 100_000 + b'"}\n', "longer than"),
 ]
