@@ -285,15 +285,19 @@ async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
 # -- the command's side ---------------------------------------------------------------
 
 
-def daemon_uid(mountpoint: Path) -> int:
-    """The uid of the daemon serving *mountpoint*, from the mount table."""
+def locate(mountpoint: Path) -> tuple[Path, int]:
+    """The admin socket of the mount at *mountpoint*, and the uid of its daemon.
+
+    Both come from the mount table, whose path is the real one, as the
+    daemon saw it: the caller may not be able to resolve the path itself.
+    """
     entry = find_mount(mountpoint)
     if entry is None or entry.fstype != FSTYPE:
         raise UserError(f"{mountpoint} is not a mithrilfs mount", 1)
     for option in entry.options.split(","):
         key, _, value = option.partition("=")
         if key == "user_id" and value.isdigit():
-            return int(value)
+            return socket_path(Path(entry.mountpoint), int(value)), int(value)
     raise UserError(f"the mount table does not say who serves {mountpoint}", 1)
 
 
@@ -304,8 +308,7 @@ def ask(
 
     *wait*: seconds to wait for the answer.
     """
-    owner = daemon_uid(mountpoint)
-    path = socket_path(mountpoint, owner)
+    path, owner = locate(mountpoint)
     request = json.dumps({"version": PROTOCOL_VERSION, "op": op, **(fields or {})}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(wait)
