@@ -476,9 +476,11 @@ def _cmd_stats(options: argparse.Namespace) -> int:
     if options.mountpoint is not None:
         # Through the daemon, for everyone: it knows who asks (the store is root's).
         mountpoint = options.mountpoint.absolute()
-        summary = adminsock.ask(mountpoint, "stats", wait=control.DEFAULT_TIMEOUT)
         entry = find_mount(mountpoint)
-        store = Path(entry.source if entry is not None else "?")
+        if entry is None or entry.fstype != FSTYPE:
+            raise UserError(f"{mountpoint} is not a mithrilfs mount", 1)
+        store = Path(entry.source)
+        summary = adminsock.ask(mountpoint, "stats", wait=control.DEFAULT_TIMEOUT)
     else:
         store = _store(options)
         index_path = store / INDEX_NAME

@@ -127,22 +127,30 @@ class User:
     def name(self) -> str:
         return self.entry.pw_name
 
+    def command(self, *args: str | os.PathLike[str]) -> list[str]:
+        """The command line that runs this user's python with *args*."""
+        return [
+            "setpriv",
+            f"--reuid={self.entry.pw_uid}",
+            f"--regid={self.entry.pw_gid}",
+            "--init-groups",
+            "--",
+            os.fspath(self.python),
+            *map(os.fspath, args),
+        ]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(self.source), "LANG": "C.UTF-8"}
+
     def run(self, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                "setpriv",
-                f"--reuid={self.entry.pw_uid}",
-                f"--regid={self.entry.pw_gid}",
-                "--init-groups",
-                "--",
-                self.python,
-                *map(os.fspath, args),
-            ],
+            self.command(*args),
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
             cwd="/",
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(self.source), "LANG": "C.UTF-8"},
+            env=self.env,
             timeout=DEADLINE,
             check=False,
         )
@@ -354,6 +362,48 @@ def test_the_socket_is_where_anyone_can_find_it_and_goes_with_the_daemon(make_mo
     assert refused.returncode == 1
     mount.start()
     assert adminsock.ask(mount.mountpoint, "whoami", wait=30)["trusted"] is True
+
+
+IMPOSTOR = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen()
+print("ready", flush=True)
+while True:
+    peer, _ = server.accept()
+    peer.sendall(b'{"ok": true, "result": {"tree": "", "lookups": {}}}\\n')
+    peer.close()
+"""
+
+
+def test_the_command_talks_only_to_the_mounts_own_daemon(make_mount, as_user) -> None:  # type: ignore[no-untyped-def]
+    mount: Mount = make_mount()
+    path = adminsock.socket_path(mount.mountpoint, 0)
+    a = as_user["mta_a"]
+    # The user's socket, moved where the daemon's was (only root could do that,
+    # but the command must not rely on it): the command refuses to believe it.
+    staging = Path(tempfile.mkdtemp(prefix="mta-", dir=path.parent.parent))
+    os.chown(staging, a.entry.pw_uid, a.entry.pw_gid)
+    impostor = subprocess.Popen(
+        a.command("-c", IMPOSTOR, staging / "fake.sock"),
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+        env=a.env,
+    )
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline() == b"ready\n"
+        os.replace(staging / "fake.sock", path)
+        refused = run_cli("stats", mount.mountpoint)
+        one_line_error(refused, 1, f"served by uid {a.entry.pw_uid}, not by the mount's daemon")
+        assert refused.stdout == ""
+    finally:
+        impostor.kill()
+        impostor.wait()
+        shutil.rmtree(staging, ignore_errors=True)
+        path.unlink(missing_ok=True)
 
 
 def raw_exchange(path: Path, payload: bytes, *, shut: bool = True) -> dict[str, Any]:
