@@ -2,9 +2,12 @@
 
 The daemon counts on the request path in a plain dict (no I/O), and every
 few seconds saves the counters and gauges to the index in one transaction
-and publishes an immutable snapshot.  `mithrilfs stats` reads the saved
-values through a read-only SQLite connection, which never blocks the daemon;
-the Prometheus endpoint, served from its own thread, reads only the snapshot.
+and publishes an immutable snapshot.  `mithrilfs stats MOUNTPOINT` asks the
+daemon (admin socket), which answers with the saved values, limited to the
+caller's tree for a user who is not trusted (`of_tree`); `mithrilfs stats
+--store` reads them through a read-only SQLite connection, which never blocks
+the daemon; the Prometheus endpoint, served from its own thread, reads only
+the snapshot.
 Counters survive a remount because they are loaded back from the index.
 """
 
