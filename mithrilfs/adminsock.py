@@ -21,7 +21,8 @@ ends that connection only.
 
 Crash states: a daemon killed while serving leaves its socket file; the next
 mount at that mountpoint replaces it (bound under a temporary name, then
-renamed over it).  A clean stop removes it.
+renamed over it), and the next mount anywhere removes it (nothing listens on
+it any more).  A clean stop removes it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -57,6 +59,7 @@ MAX_CONNECTIONS = 32
 # accept() failing for lack of descriptors or memory: wait, never give up serving.
 _EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PEERCRED = struct.Struct("3i")
+_SOCKET_NAME = re.compile(r"[0-9a-f]{32}\.sock")
 
 
 class RequestError(Exception):
@@ -116,6 +119,7 @@ class Listening:
 
     def __init__(self, path: Path) -> None:
         _prepare_directory(path.parent)
+        _sweep_stale(path.parent)
         temporary = path.with_name(f".{path.name}.{os.getpid()}")
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -159,6 +163,27 @@ def _prepare_directory(directory: Path) -> None:
             "its owner can write; remove it and mount again",
             1,
         )
+
+
+def _sweep_stale(directory: Path) -> None:
+    """Remove the sockets of killed daemons, whatever their mountpoint.
+
+    A socket nobody listens on refuses connections (ECONNREFUSED); a live
+    daemon accepts (and answers an empty request) or, busy, says EAGAIN.
+    """
+    for candidate in directory.glob("*.sock"):
+        if not _SOCKET_NAME.fullmatch(candidate.name):
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.setblocking(False)
+            try:
+                probe.connect(os.fspath(candidate))
+            except ConnectionRefusedError:
+                with contextlib.suppress(OSError):
+                    candidate.unlink()
+                    log.info("removed %s, left by a daemon that was killed", candidate)
+            except OSError:
+                pass  # alive and busy, or gone meanwhile
 
 
 async def serve(

@@ -354,7 +354,7 @@ def test_the_socket_is_where_anyone_can_find_it_and_goes_with_the_daemon(make_mo
     mount.stop()
     assert not path.exists()
 
-    # A daemon killed outright leaves its socket behind; the next mount replaces it.
+    # A daemon killed outright leaves its socket behind; the next mount there replaces it.
     mount.start()
     mount.kill()
     assert path.exists()
@@ -362,6 +362,16 @@ def test_the_socket_is_where_anyone_can_find_it_and_goes_with_the_daemon(make_mo
     assert refused.returncode == 1
     mount.start()
     assert adminsock.ask(mount.mountpoint, "whoami", wait=30)["trusted"] is True
+
+    # ... and a mount anywhere else removes it, leaving live sockets alone.
+    mount.kill()
+    assert path.exists()
+    live: Mount = make_mount(name="live")
+    other: Mount = make_mount(name="other")
+    assert not path.exists()
+    assert adminsock.ask(live.mountpoint, "whoami", wait=30)["trusted"] is True
+    assert adminsock.ask(other.mountpoint, "whoami", wait=30)["trusted"] is True
+    assert " ERROR " not in live.log_text()
 
 
 IMPOSTOR = """
