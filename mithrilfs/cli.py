@@ -270,9 +270,10 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser(
         "stats",
         help="hit rate, dedup, usage against the cap, evictions",
-        description="Show a store's counters and gauges: from a mount (MOUNTPOINT) or a "
-        "store directory (--store). Values are saved by the daemon every second; reading "
-        "them never disturbs it.",
+        description="Show a store's counters and gauges: from a mount (MOUNTPOINT, asked "
+        "of its daemon; a user who is not trusted sees their own tree only) or a store "
+        "directory (--store). Values are saved by the daemon every second; reading them "
+        "never disturbs it.",
     )
     stats.add_argument(
         "mountpoint",
@@ -469,29 +470,34 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
 
 
 def _cmd_stats(options: argparse.Namespace) -> int:
-    from mithrilfs import stats
+    from mithrilfs import adminsock, stats
     from mithrilfs.repository import INDEX_NAME
 
     if options.mountpoint is not None:
+        # Through the daemon, for everyone: it knows who asks (the store is root's).
         mountpoint = options.mountpoint.absolute()
         entry = find_mount(mountpoint)
         if entry is None or entry.fstype != FSTYPE:
             raise UserError(f"{mountpoint} is not a mithrilfs mount", 1)
         store = Path(entry.source)
+        summary = adminsock.ask(mountpoint, "stats", wait=control.DEFAULT_TIMEOUT)
     else:
         store = _store(options)
-    index_path = store / INDEX_NAME
-    if not index_path.exists():
-        raise UserError(f"{store} is not a mithrilfs store (no {INDEX_NAME})", 2)
-    try:
-        summary = stats.summarize(stats.read_saved(index_path))
-    except sqlite3.DatabaseError as exc:
-        raise UserError(f"cannot read {index_path}: {exc}", 3) from None
+        index_path = store / INDEX_NAME
+        if not index_path.exists():
+            raise UserError(f"{store} is not a mithrilfs store (no {INDEX_NAME})", 2)
+        try:
+            summary = {"tree": "", **stats.summarize(stats.read_saved(index_path))}
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"cannot read {index_path}: {exc}", 3) from None
     summary = {"store": str(store), **summary}
     if options.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        sys.stdout.write(f"store         {store}\n" + stats.render_text(summary))
+        head = f"store         {store}\n"
+        if summary["tree"]:
+            head += f"tree          {summary['tree']} (yours; the rest of the store is not shown)\n"
+        sys.stdout.write(head + stats.render_text(summary))
     return 0
 
 
@@ -529,6 +535,7 @@ def _add_eviction_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "uses at most SIZE (default: the low watermark, 90% of the cap it was last mounted "
         "with). Works on an unmounted store, and on a mounted one through its daemon.",
     )
+    _mount_argument(gc)
     _store_argument(gc)
     gc.add_argument("--to", metavar="SIZE", help="usage to get down to, e.g. 500M or 20G")
     _eviction_common(gc, control.DEFAULT_TIMEOUT)
@@ -539,8 +546,10 @@ def _add_eviction_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="remove chosen cache entries (by age, device class, path)",
         description="Remove every cache entry that matches all the criteria given, whole "
         "(a Triton kernel directory, an inductor entry). Works on an unmounted store, and "
-        "on a mounted one through its daemon, which also tells the kernel.",
+        "on a mounted one through its daemon, which also tells the kernel. A user who "
+        "is not trusted may evict only below users/NAME/ of a mount.",
     )
+    _mount_argument(evict)
     _store_argument(evict)
     evict.add_argument(
         "--older-than", metavar="DURATION", help="entries not read for this long, e.g. 7d, 12h"
@@ -556,6 +565,16 @@ def _add_eviction_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     _eviction_common(evict, control.DEFAULT_TIMEOUT)
     evict.set_defaults(command=_cmd_evict)
+
+
+def _mount_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "mountpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="a mithrilfs mount: ask its daemon (default: the store given by --store)",
+    )
 
 
 def _eviction_common(parser: argparse.ArgumentParser, timeout: float) -> None:
@@ -588,7 +607,14 @@ def _cmd_evict(options: argparse.Namespace) -> int:
 
 
 def _run_eviction(options: argparse.Namespace, request: control.Request) -> int:
-    outcome = control.perform(_store(options), request, timeout=options.timeout)
+    if options.mountpoint is not None:
+        if options.store is not None:
+            raise UserError("give a mountpoint or --store, not both", 2)
+        outcome = control.perform_on_mount(
+            options.mountpoint.absolute(), request, timeout=options.timeout
+        )
+    else:
+        outcome = control.perform(_store(options), request, timeout=options.timeout)
     if options.json:
         print(outcome.to_json())
     else:

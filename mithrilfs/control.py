@@ -1,47 +1,44 @@
-"""Eviction on demand (`mithrilfs gc`, `mithrilfs evict`), with or without a daemon.
+"""Eviction on demand (`mithrilfs gc`, `mithrilfs evict`) and the daemon's admin requests.
 
 Offline, the command takes the store lock itself (`Repository.open`) and runs
 the same `Evictor` a daemon runs.  While a daemon serves the store the lock is
-taken, so the command asks the daemon instead:
+taken, so the command asks the daemon through its admin socket
+(`adminsock`), found from the mountpoint (``gc MOUNT``) or, for ``--store``,
+from the mount table entry whose source is the store.  The daemon answers
+with the mount's own Evictor, so the kernel is told about every name removed.
 
-1. it writes its request (JSON) to ``STORE/control/<id>.request`` (under a
-   temporary name first, then renamed, so that the daemon never reads half
-   of one) and sends the daemon SIGUSR1.  The pid is the one in
-   ``STORE/lock``, and only if ``STORE/control/serving`` names the same pid:
-   that file exists while the daemon takes requests, so a store held by some
-   other command (fsck, a second gc) is never signalled;
-2. the daemon's control task (in daemon.py's nursery, listening with
-   `trio.open_signal_receiver`) answers every pending request with the
-   mount's own Evictor, so the kernel is told about every name removed, and
-   writes ``<id>.response`` the same way;
-3. the command polls for the response until its deadline, removes it, and
-   prints it.
+`AdminService` is the daemon's side: for each request it asks `authorize`
+for the caller's scope (`access.Scope`, from SO_PEERCRED) and runs the
+request within it.  A caller limited to one private tree sees stats of that
+tree only (its usage and the counters labelled with it), may evict only
+entries below ``users/<name>/`` (a selection naming any other path is
+refused), and may not run gc, which evicts from every tree.  Every
+mutating request is logged with the caller's uid and pid.
 
-A request carries its deadline.  The daemon drops a request past it (a
-command that gave up must not see its eviction happen later), and the
-command withdraws its request when it gives up.  Crash states: a request or
-response left behind is harmless; expired requests are dropped and responses
-older than an hour are removed the next time the daemon answers.
+An eviction runs in bounded batches between which the mount serves
+requests; one that outlasts the command's timeout is stopped between two
+batches (each batch is one transaction), so nothing happens after the
+command has given up.
 """
 
 from __future__ import annotations
 
-import contextlib
+import glob
 import json
 import logging
 import os
-import re
-import signal
-import time
-import uuid
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 import trio.lowlevel
 
+from mithrilfs import adminsock, stats
+from mithrilfs.access import EVERYTHING, Authorize, Scope
+from mithrilfs.adminsock import Peer, RequestError
+from mithrilfs.classes import TreeUsage, tree_usage
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import (
     BATCH_ENTRIES,
@@ -56,20 +53,21 @@ from mithrilfs.eviction import (
     select_entries,
 )
 from mithrilfs.index import EvictedEntry, Index
+from mithrilfs.mounts import FSTYPE, mount_table
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
-from mithrilfs.stats import Stats
+from mithrilfs.stats import GAUGES, SAVED_AT_GAUGE, Stats
 
 log = logging.getLogger(__name__)
 
-CONTROL_DIR = "control"
-SERVING_NAME = "serving"
-REQUEST_SUFFIX = ".request"
-RESPONSE_SUFFIX = ".response"
-RESPONSE_TTL = 3600.0
 DEFAULT_TIMEOUT = 60.0
 COMMANDS = ("gc", "evict")
+OPS = ("whoami", "stats", *COMMANDS)
+# The command waits this much longer than the daemon's own bound on the work,
+# so that the daemon's answer (stopped, or done) still reaches it.
+ANSWER_MARGIN = 5.0
+# Durations beyond this (about 146 years) do not fit the nanosecond clock; NaN fails too.
+MAX_SECONDS = float((1 << 62) // NS)
 
-_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 T = TypeVar("T")
 
 
@@ -83,8 +81,6 @@ class Request:
     device_class: str | None = None  # evict: one class tree, whole
     path: str | None = None  # evict: fnmatch pattern relative to the class root
     dry_run: bool = False
-    id: str = field(default_factory=lambda: f"{os.getpid()}-{uuid.uuid4().hex}")
-    deadline: float = 0.0  # unix seconds; the daemon drops a request past it
 
     def selection(self) -> Selection:
         return Selection(self.older_than, self.device_class, self.path)
@@ -95,8 +91,8 @@ class Request:
             raise UserError(f"unknown control command '{self.command}'", 2)
         if self.to is not None and self.to < 1:
             raise UserError(f"invalid size {self.to}: must be at least 1 byte", 2)
-        if self.older_than is not None and self.older_than < 0:
-            raise UserError("invalid duration: must not be negative", 2)
+        if self.older_than is not None and not 0 <= self.older_than < MAX_SECONDS:
+            raise UserError("invalid duration: must be a number of seconds, not negative", 2)
         if self.path is not None:
             check_path_pattern(self.path)
         if self.command == "evict" and self.selection() == Selection():
@@ -104,25 +100,17 @@ class Request:
                 "choose the entries to evict with --older-than, --device-class and/or --path", 2
             )
 
-    def to_json(self) -> str:
-        return json.dumps({"version": 1, **asdict(self)})
-
     @classmethod
-    def from_json(cls, text: str, request_id: str) -> Request:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != 1:
-            raise ValueError("not a version 1 request")
-        request = cls(
-            command=_typed(data, "command", str),
+    def from_fields(cls, data: dict[str, Any]) -> Request:
+        """The request in an admin message; `RequestError` for a field of the wrong type."""
+        return cls(
+            command=_typed(data, "op", str),
             to=_optional(data, "to", int),
             older_than=_optional(data, "older_than", float),
             device_class=_optional(data, "device_class", str),
             path=_optional(data, "path", str),
-            dry_run=_typed(data, "dry_run", bool),
-            id=request_id,
-            deadline=float(_typed(data, "deadline", float)),
+            dry_run=_optional(data, "dry_run", bool) or False,
         )
-        return request
 
 
 @dataclass
@@ -140,26 +128,23 @@ class Outcome:
     now: int = 0  # unix ns, the clock the ages are measured against
     listed: list[tuple[str, int, int]] = field(default_factory=list)  # location, bytes, last_read
     served_by: str = ""  # "offline" or "daemon pid N"
-    error: str | None = None
-    exit_code: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> Outcome:
-        data = json.loads(text)
+    def from_fields(cls, data: dict[str, Any]) -> Outcome:
         outcome = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         outcome.listed = [(str(a), int(b), int(c)) for a, b, c in outcome.listed]
         return outcome
 
 
 def _typed(data: dict[str, Any], key: str, kind: type[T]) -> T:
-    value = data[key]
+    value = data.get(key)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {kind.__name__}")
+        raise RequestError(f"'{key}' must be {_KIND_NAMES[kind]}")
     return value
 
 
@@ -167,12 +152,28 @@ def _optional(data: dict[str, Any], key: str, kind: type[T]) -> T | None:
     return None if data.get(key) is None else _typed(data, key, kind)
 
 
+_KIND_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
 # -- running a request: the same steps offline and in the daemon ---------------------
 
 
-def execute(request: Request, evictor: Evictor) -> Generator[None, None, Outcome]:
-    """Run *request*; yields between batches so that a daemon can let requests in."""
+def execute(
+    request: Request, evictor: Evictor, scope: Scope = EVERYTHING
+) -> Generator[None, None, Outcome]:
+    """Run *request* within *scope*; yields between batches so that a daemon can let requests in."""
     request.validate()
+    if not scope.trusted and request.command == "gc":
+        raise UserError(
+            "gc evicts from every tree, so only root and trusted writers may run it; "
+            f"evict from your own tree with: mithrilfs evict MOUNT --path '{scope.path}/*'",
+            1,
+        )
     index = evictor.index
     evictor.recency.flush(index)
     cap = evictor.cap or None
@@ -195,7 +196,12 @@ def execute(request: Request, evictor: Evictor) -> Generator[None, None, Outcome
         else:
             yield from evictor.batches(outcome.target, evictor.usage, "gc", result)
     else:
-        candidates = select_entries(index, request.selection(), outcome.now)
+        selection = within(request.selection(), scope)
+        candidates = [
+            c
+            for c in select_entries(index, selection, outcome.now)
+            if scope.trusted or _below(c.location, scope)
+        ]
         if request.dry_run:
             planned = plan(index, candidates)
         else:
@@ -215,6 +221,28 @@ def execute(request: Request, evictor: Evictor) -> Generator[None, None, Outcome
         outcome.skipped = result.skipped
     outcome.usage_after = evictor.usage()
     return outcome
+
+
+def within(selection: Selection, scope: Scope) -> Selection:
+    """*selection* limited to *scope*'s tree; a path naming another tree is refused."""
+    if scope.trusted:
+        return selection
+    prefix = glob.escape(f"{scope.path}/")
+    if selection.path is None:
+        return replace(selection, path=f"{prefix}*")
+    if not selection.path.startswith(prefix):
+        raise UserError(
+            f"you may evict only in your own tree: --path must start with '{scope.path}/' "
+            f"('{selection.path}' names entries outside it)",
+            1,
+        )
+    return selection
+
+
+def _below(location: str, scope: Scope) -> bool:
+    """Whether an entry's location ('class/path') lies in *scope*'s tree (the final guard)."""
+    _class, _, path = location.partition("/")
+    return path.startswith(f"{scope.path}/")
 
 
 def _run_sync(steps: Generator[None, None, T]) -> T:
@@ -238,38 +266,45 @@ async def _run_async(steps: Generator[None, None, T]) -> T:
 
 
 def perform(store: Path, request: Request, timeout: float = DEFAULT_TIMEOUT) -> Outcome:
-    """Run *request* on *store*: through its daemon if one serves it, else offline."""
+    """Run *request* on *store*: through the daemon serving it if there is one, else offline."""
     request.validate()
     store = store.absolute()
-    pid = serving_daemon(store)
-    if pid is None:
+    mountpoint = serving_mountpoint(store)
+    if mountpoint is None:
         return run_offline(store, request)
-    return run_online(store, pid, request, timeout)
+    return perform_on_mount(mountpoint, request, timeout)
 
 
-def serving_daemon(store: Path) -> int | None:
-    """The pid of the daemon serving *store*; None when no process holds the store."""
+def perform_on_mount(mountpoint: Path, request: Request, timeout: float) -> Outcome:
+    """Run *request* through the daemon serving *mountpoint*, within the caller's scope."""
+    request.validate()
+    fields = {k: v for k, v in asdict(request).items() if k != "command" and v is not None}
+    fields["timeout"] = timeout
+    result = adminsock.ask(mountpoint, request.command, fields, wait=timeout + ANSWER_MARGIN)
+    return Outcome.from_fields(result)
+
+
+def serving_mountpoint(store: Path) -> Path | None:
+    """Where the daemon holding *store* serves it; None when no process holds the store."""
     try:
         if not store_in_use(store):
             return None
     except OSError as exc:
         raise UserError(f"cannot read {store / LOCK_NAME}: {exc.strerror}", 2) from None
-    pid = holder_pid(store)
-    if pid is None or _serving_pid(store) != pid:
+    served = [
+        entry.mountpoint
+        for entry in mount_table()
+        if entry.fstype == FSTYPE and entry.source == os.fspath(store)
+    ]
+    if not served:
+        pid = holder_pid(store)
         holder = f"mithrilfs pid {pid}" if pid else "another process"
         raise UserError(
             f"store {store} is in use by {holder}, which takes no eviction requests "
             "(a daemon still starting, or another command); try again when it is done",
             1,
         )
-    return pid
-
-
-def _serving_pid(store: Path) -> int | None:
-    try:
-        return int((store / CONTROL_DIR / SERVING_NAME).read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return Path(served[-1])
 
 
 def run_offline(store: Path, request: Request) -> Outcome:
@@ -301,13 +336,13 @@ def run_offline(store: Path, request: Request) -> Outcome:
 def _record_offline(index: Index, tallies: dict[tuple[str, str], list[int]]) -> None:
     """Count offline evictions where `mithrilfs stats` and the next daemon find them."""
     for device_class in {c for c, _reason in tallies}:
-        stats = Stats(device_class)
-        stats.load_rows(iter(index.load_counters()))
+        counts = Stats(device_class)
+        counts.load_rows(iter(index.load_counters()))
         for (c, reason), (entries, freed) in tallies.items():
             if c == device_class:
-                stats.inc("evictions_total", entries, reason=reason)
-                stats.inc("evicted_bytes_total", freed)
-        index.save_counters(stats.rows(), {})
+                counts.inc("evictions_total", entries, reason=reason)
+                counts.inc("evicted_bytes_total", freed)
+        index.save_counters(counts.rows(), {})
     index.save_counters(
         [],
         {
@@ -319,165 +354,86 @@ def _record_offline(index: Index, tallies: dict[tuple[str, str], list[int]]) -> 
     )
 
 
-def run_online(store: Path, pid: int, request: Request, timeout: float) -> Outcome:
-    directory = store / CONTROL_DIR
-    request.deadline = time.time() + timeout
-    request_path = directory / f"{request.id}{REQUEST_SUFFIX}"
-    response_path = directory / f"{request.id}{RESPONSE_SUFFIX}"
-    try:
-        _write_atomic(request_path, request.to_json())
-    except OSError as exc:
-        raise UserError(f"cannot write a request into {directory}: {exc.strerror}", 1) from None
-    try:
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        request_path.unlink(missing_ok=True)
-        raise UserError(f"the daemon (pid {pid}) serving {store} is gone", 1) from None
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not response_path.exists():
-        if time.monotonic() > deadline or not _alive(pid):
-            request_path.unlink(missing_ok=True)
-            why = f"did not answer within {timeout:g}s" if _alive(pid) else "exited"
-            raise UserError(
-                f"the daemon (pid {pid}) serving {store} {why}; "
-                "an eviction it had started may still complete",
-                1,
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    text = response_path.read_text()
-    response_path.unlink(missing_ok=True)
-    outcome = Outcome.from_json(text)
-    if outcome.error is not None:
-        raise UserError(outcome.error, outcome.exit_code or 1)
-    return outcome
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
 # -- the daemon's side -------------------------------------------------------------
 
 
-def ignore_requests_until_served() -> None:
-    """SIGUSR1 must never kill a daemon that does not (or no longer) take requests.
+class AdminService:
+    """The daemon's answers on its admin socket (`adminsock.serve` calls `handle`)."""
 
-    Called first thing in the daemon; `serve_requests` handles the signal
-    while it runs and the default (terminate) never comes back.
-    """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    def __init__(self, evictor: Evictor, class_root: int, authorize: Authorize) -> None:
+        self.evictor = evictor
+        self.class_root = class_root
+        self.authorize = authorize
 
-
-async def serve_requests(
-    evictor: Evictor, store: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Answer eviction requests whenever SIGUSR1 arrives (a task of the daemon's nursery)."""
-    directory = store / CONTROL_DIR
-    directory.mkdir(mode=0o700, exist_ok=True)
-    marker = directory / SERVING_NAME
-    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-        # Listening before advertising: a command that sees the marker may signal at once.
-        _write_atomic(marker, f"{os.getpid()}\n")
+    async def handle(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any]:
+        scope = self.authorize(peer.uid, peer.gid, peer.pid)
+        op = message["op"]
         try:
-            task_status.started()
-            await _answer_pending_logged(evictor, directory)
-            async for _signum in signals:
-                await _answer_pending_logged(evictor, directory)
-        finally:
-            with contextlib.suppress(OSError):
-                marker.unlink()
+            if op == "whoami":
+                return {"uid": peer.uid, "trusted": scope.trusted, "tree": scope.path}
+            if op == "stats":
+                return self.stats(scope)
+            if op in COMMANDS:
+                return asdict(await self.evict(Request.from_fields(message), scope, peer, message))
+        except UserError as exc:
+            raise RequestError(str(exc), exc.exit_code) from None
+        raise RequestError(f"unknown op '{op}' (known: {', '.join(OPS)})")
 
-
-async def _answer_pending_logged(evictor: Evictor, directory: Path) -> None:
-    try:
-        await answer_pending(evictor, directory)
-    except OSError as exc:
-        # A full or unreadable store must not take the mount down; the
-        # command times out and says so.
-        log.warning("could not answer eviction requests in %s: %s", directory, exc)
-
-
-async def answer_pending(evictor: Evictor, directory: Path) -> None:
-    """Answer every request waiting in *directory*, oldest name first."""
-    for request_id, text in _take_requests(directory):
-        try:
-            request = Request.from_json(text, request_id)
-        except (ValueError, KeyError, TypeError) as exc:
-            outcome = Outcome(error=f"malformed eviction request: {exc}", exit_code=2)
-        else:
-            if request.deadline < time.time():
-                log.warning("dropped eviction request %s: its deadline passed", request_id)
-                continue
-            outcome = await _answer(request, evictor)
-        outcome.served_by = f"daemon pid {os.getpid()}"
-        _write_atomic(directory / f"{request_id}{RESPONSE_SUFFIX}", outcome.to_json())
-
-
-def _take_requests(directory: Path) -> list[tuple[str, str]]:
-    """(id, text) of each pending request, removed from *directory*; stale responses go too."""
-    try:
-        names = sorted(path.name for path in directory.iterdir())
-    except FileNotFoundError:
-        return []
-    taken = []
-    for name in names:
-        path = directory / name
-        if name.endswith(RESPONSE_SUFFIX):
-            _remove_if_stale(path)
-            continue
-        request_id = name.removesuffix(REQUEST_SUFFIX)
-        if request_id == name or not _ID.fullmatch(request_id):
-            continue
-        try:
-            text = path.read_text()
-            path.unlink()
-        except FileNotFoundError:
-            continue  # withdrawn
-        taken.append((request_id, text))
-    return taken
-
-
-async def _answer(request: Request, evictor: Evictor) -> Outcome:
-    try:
-        outcome = await _run_async(execute(request, evictor))
-    except UserError as exc:
-        return Outcome(error=str(exc), exit_code=exc.exit_code)
-    except Exception:
-        log.exception("eviction request %s failed", request.id)
-        return Outcome(error="the eviction failed; see the daemon's log", exit_code=1)
-    if not request.dry_run:
-        log.info(
-            "%s request %s: evicted %d entries (%d bytes)",
-            request.command,
-            request.id,
-            outcome.entries,
-            outcome.bytes_freed,
+    def stats(self, scope: Scope) -> dict[str, Any]:
+        index = self.evictor.index
+        saved = stats.snapshot_of(
+            index.load_counters(),
+            [(name, index.get_meta(f"gauge.{name}")) for name in (*GAUGES, SAVED_AT_GAUGE)],
         )
-    return outcome
+        if scope.tree is not None:
+            usage = self._usage_of(scope)
+            saved = stats.of_tree(
+                saved,
+                scope.tree,
+                {
+                    "logical_bytes": usage.logical_bytes,
+                    "store_bytes": usage.stored_bytes,
+                    "objects": usage.objects,
+                    "entries": usage.entries,
+                },
+            )
+        return {"tree": scope.path, **stats.summarize(saved)}
 
+    def _usage_of(self, scope: Scope) -> TreeUsage:
+        directory = self.class_root
+        for name in scope.path.split("/"):
+            node = self.evictor.index.lookup(directory, os.fsencode(name))
+            if node is None:
+                return TreeUsage()  # nothing written there yet
+            directory = node.id
+        return tree_usage(self.evictor.index, directory)
 
-def _remove_if_stale(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if time.time() - path.stat().st_mtime > RESPONSE_TTL:
-            path.unlink()
+    async def evict(
+        self, request: Request, scope: Scope, peer: Peer, message: dict[str, Any]
+    ) -> Outcome:
+        timeout = _optional(message, "timeout", float) or DEFAULT_TIMEOUT
+        if not 0 < timeout < MAX_SECONDS:
+            raise RequestError("'timeout' must be a positive number of seconds")
+        with trio.move_on_after(timeout) as bounded:
+            outcome = await _run_async(execute(request, self.evictor, scope))
+        if bounded.cancelled_caught:
+            raise UserError(
+                f"the {request.command} did not finish within {timeout:g}s and was stopped "
+                "between two batches; what it had evicted stays evicted",
+                1,
+            )
+        outcome.served_by = f"daemon pid {os.getpid()}"
+        if not request.dry_run:
+            log.info(
+                "%s for uid %d (pid %d, tree %s): evicted %d entries (%d bytes)",
+                request.command,
+                peer.uid,
+                peer.pid,
+                scope.path or "all",
+                outcome.entries,
+                outcome.bytes_freed,
+            )
+        return outcome
 
 
 # -- showing an outcome ------------------------------------------------------------

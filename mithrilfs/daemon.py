@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from mithrilfs import control
+from mithrilfs import access, adminsock, control
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
@@ -117,9 +117,11 @@ def run_mount(config: MountConfig) -> int:
 
 def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     """Open the store, mount it, and serve until unmounted or signalled."""
-    control.ignore_requests_until_served()
+    # mithrilfs before the admin socket asked with SIGUSR1; its default would kill us.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     repo = Repository.open(config.store)
     clean = False
+    admin_socket: adminsock.Listening | None = None
     try:
         repo.recover()
         root = _prepare_tree(repo, config)
@@ -147,6 +149,9 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         _save_stats(ops, collector)
         if config.metrics_listen:
             serve_metrics(config.metrics_listen, collector)
+        # Bound before mounting: a command may ask as soon as the mount is ready.
+        admin_socket = adminsock.Listening(adminsock.socket_path(config.mountpoint, os.geteuid()))
+        admin = control.AdminService(ops.evictor, root, access.default_authorize(os.geteuid()))
         repo.mark_in_use()
         try:
             pyfuse3.init(ops, os.fspath(config.mountpoint), fuse_options(config))
@@ -166,7 +171,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             config.mountpoint,
         )
         try:
-            trio.run(_serve_until_stopped, ops, collector, ready)
+            trio.run(_serve_until_stopped, ops, collector, ready, admin_socket, admin)
         finally:
             ops.forget_all()
             # Always detach: after a signal (or an error) the kernel still has
@@ -179,19 +184,25 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
                 remote.close()
         clean = True
     finally:
+        if admin_socket is not None:
+            admin_socket.close()
         repo.close(clean=clean)
         log.info("store %s closed %s", config.store, "cleanly" if clean else "after an error")
 
 
 async def _serve_until_stopped(
-    ops: Operations, collector: SnapshotCollector, ready: Callable[[], None]
+    ops: Operations,
+    collector: SnapshotCollector,
+    ready: Callable[[], None],
+    admin_socket: adminsock.Listening,
+    admin: control.AdminService,
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(_supervised, "eviction", ops.evictor.run)
         nursery.start_soon(_housekeeping, ops, collector)
-        # `mithrilfs gc` / `evict` against this store: requests signalled with SIGUSR1.
-        await nursery.start(control.serve_requests, ops.evictor, ops.store.root)
+        # `mithrilfs stats` / `gc` / `evict` against this mount, and `whoami`.
+        await nursery.start(adminsock.serve, admin_socket, admin.handle)
         if ops.remote is not None:
             await ops.remote.connect()  # bounded: a tier that is down only starts a backoff
             nursery.start_soon(_supervised, "shared tier publishing", ops.remote.run)

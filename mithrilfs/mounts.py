@@ -20,6 +20,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    options: str = ""  # the superblock's options (FUSE: user_id=, group_id=, ...)
 
 
 def _unescape(field: str) -> str:
@@ -44,7 +45,8 @@ def mount_table() -> list[MountEntry]:
             rest = after.split()
             if len(fields) < 5 or len(rest) < 2:
                 continue
-            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1])))
+            options = rest[2] if len(rest) > 2 else ""
+            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), options))
     return entries
 
 

@@ -2,9 +2,12 @@
 
 The daemon counts on the request path in a plain dict (no I/O), and every
 few seconds saves the counters and gauges to the index in one transaction
-and publishes an immutable snapshot.  `mithrilfs stats` reads the saved
-values through a read-only SQLite connection, which never blocks the daemon;
-the Prometheus endpoint, served from its own thread, reads only the snapshot.
+and publishes an immutable snapshot.  `mithrilfs stats MOUNTPOINT` asks the
+daemon (admin socket), which answers with the saved values, limited to the
+caller's tree for a user who is not trusted (`of_tree`); `mithrilfs stats
+--store` reads them through a read-only SQLite connection, which never blocks
+the daemon; the Prometheus endpoint, served from its own thread, reads only
+the snapshot.
 Counters survive a remount because they are loaded back from the index.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,17 +106,35 @@ def read_saved(index_path: Path) -> Snapshot:
     """The counters and gauges a daemon last saved, read without disturbing it."""
     db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
     try:
-        counters = [
-            (name, json.loads(labels), value)
-            for name, labels, value in db.execute("SELECT name, labels, value FROM counters")
-        ]
-        gauges = {
-            key.removeprefix("gauge."): int(value)
+        counters = db.execute("SELECT name, labels, value FROM counters").fetchall()
+        gauges = [
+            (key.removeprefix("gauge."), value)
             for key, value in db.execute("SELECT key, value FROM meta WHERE key LIKE 'gauge.%'")
-        }
+        ]
     finally:
         db.close()
-    return Snapshot(counters, gauges)
+    return snapshot_of(counters, gauges)
+
+
+def snapshot_of(
+    counters: Iterable[tuple[str, str, int]], gauges: Iterable[tuple[str, object]]
+) -> Snapshot:
+    """A snapshot of saved rows: (name, labels as JSON, value) and (gauge, value)."""
+    return Snapshot(
+        [(name, json.loads(labels), value) for name, labels, value in counters],
+        {name: int(value) for name, value in gauges if isinstance(value, int | str)},
+    )
+
+
+def of_tree(snapshot: Snapshot, tree: str, usage: Mapping[str, int]) -> Snapshot:
+    """What one private tree's owner sees: its counters, its usage, the store's cap."""
+    return Snapshot(
+        [row for row in snapshot.counters if row[1].get("tree") == tree],
+        {
+            **{k: v for k, v in snapshot.gauges.items() if k in ("cap_bytes", SAVED_AT_GAUGE)},
+            **usage,
+        },
+    )
 
 
 def summarize(snapshot: Snapshot) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """`mithrilfs gc` and `mithrilfs evict`: offline, and against a running mount.
 
 Offline the command holds the store lock itself; while a daemon serves the
-store it writes a request into STORE/control/, signals the daemon (SIGUSR1)
-and prints the daemon's answer.  Either way the same entries go, whole, and
+store it asks the daemon through the mount's admin socket and prints the
+daemon's answer.  Either way the same entries go, whole, and
 on a mount their names vanish at once (the kernel is told).  Bad input is
 one ``mithrilfs: ...`` line, exit 2, and nothing removed.  Every store is
 checked with fsck by the fixture when the test ends.
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,6 @@ from test_eviction import (
 )
 
 from mithrilfs.cli import main
-from mithrilfs.control import CONTROL_DIR, REQUEST_SUFFIX, SERVING_NAME, Request
 from mithrilfs.eviction import CLOCK_OFFSET_ENV
 from mithrilfs.repository import Repository
 from tests.conftest import Mount, wait_for
@@ -193,7 +190,6 @@ def test_gc_against_a_running_mount_goes_through_its_daemon(cache, cli) -> None:
     assert result.report["served_by"] == f"daemon pid {mount.proc.pid}"  # type: ignore[union-attr]
     wait_gone(mount, entries[1:3])
     assert_states(mount, gone=entries[1:3], kept=[entries[0], *entries[3:]])
-    assert not [p for p in (mount.store / CONTROL_DIR).iterdir() if p.name != SERVING_NAME]
     mount.stop()
     assert counters(mount, "evictions_total") == {"gc": 2}
 
@@ -406,21 +402,3 @@ def test_the_real_command_line_against_a_mount(cache) -> None:  # type: ignore[n
     assert result.stdout.startswith("evicted 2 entries, freed ")
     triton = [e for e in entries if e.kind == "triton"]
     wait_gone(mount, triton)
-
-
-def test_the_daemon_drops_a_request_whose_command_gave_up(cache) -> None:  # type: ignore[no-untyped-def]
-    mount = cache()
-    entries = populate(mount, "late", 2)
-    request = Request("evict", path="*", deadline=time.time() - 1)
-    directory = mount.store / CONTROL_DIR
-    (directory / f"{request.id}{REQUEST_SUFFIX}").write_text(request.to_json())
-    os.kill(mount.proc.pid, signal.SIGUSR1)  # type: ignore[union-attr]
-    wait_for(
-        lambda: not (directory / f"{request.id}{REQUEST_SUFFIX}").exists(),
-        DEADLINE,
-        "the daemon to take the request",
-    )
-    assert [entry_state(mount.mountpoint, e) for e in entries] == ["complete", "complete"]
-    assert not list(directory.glob("*.response"))
-    mount.stop()
-    assert "deadline passed" in mount.log_text()
