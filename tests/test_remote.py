@@ -230,9 +230,16 @@ def test_remote_url_forms() -> None:
     kept = remote.parse_remote("redis://h:1/0?cluster=0&ssl_cert_reqs=none", 1.5)
     assert (kept.cluster, kept.timeout) == (False, 1.5)
     assert kept.client_url.endswith("?ssl_cert_reqs=none")
-    secret = remote.parse_remote("redis://user:hunter2@h:1/0")
-    assert "hunter2" not in secret.display
-    assert "user" in secret.display
+    acl_user = remote.parse_remote("redis://mithril@h:1/0", password="hunter2")
+    assert "hunter2" not in acl_user.display
+    assert "hunter2" not in repr(acl_user)
+    for secret in (
+        "redis://user:hunter2@h:1/0",
+        "redis://:hunter2@h:1/0",
+        "redis://h/0?password=x",
+    ):
+        with pytest.raises(UserError, match="remote-password-file"):
+            remote.parse_remote(secret)
     for bad in ("http://h:1", "redis://", "redis://h:99999", "redis://h/x", "redis+cluster://h/3"):
         with pytest.raises(UserError):
             remote.parse_remote(bad)
