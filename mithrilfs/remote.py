@@ -667,6 +667,7 @@ class RedisTier:
         self.config = config
         self.staging_dir = staging_dir
         self.budget = ByteBudget(FETCH_IN_FLIGHT)
+        self.window = FETCH_WINDOW
         self._client: Any = None
         self._lock = threading.Lock()
         self._names = itertools.count()
@@ -742,7 +743,7 @@ class RedisTier:
                     raise ManifestError(
                         f"object {digest.hex()} is {length} bytes, not {sizes[digest]}"
                     )
-            for pieces in fetch_rounds(sizes):
+            for pieces in fetch_rounds(sizes, self.window):
                 if staged.abandoned:
                     raise FetchAbandoned
                 taken = self.budget.acquire(sum(length for _d, _o, length in pieces), staged)
