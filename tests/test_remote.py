@@ -34,9 +34,11 @@ from typing import Any
 import blake3
 import pytest
 import redis
+import trio
 
 from mithrilfs import remote, stats
 from mithrilfs.errors import UserError
+from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
 from tests.conftest import Mount, run_cli, wait_for
 from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
@@ -434,6 +436,43 @@ def test_publish_queue_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
         assert counters.counters[("remote_errors_total", ())] == 4
         tier.close()
     finally:
+        repo.close()
+
+
+def test_a_bad_manifest_or_a_bug_is_a_remembered_miss(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each costs one error, not one per lookup (calling the tier as `fs.lookup` does)."""
+    client = redis_server.client()
+    small = b"a kernel"
+    put_object(client, small)
+    put_manifest(client, "triton/FUTURE", [file_doc("k.so", small, mtime_ns=1 << 63)])
+    put_manifest(client, "triton/FINE", [file_doc("k.so", small)])
+    repo = Repository.open(tmp_path / "store")
+    counters = stats.Stats(CLASS)
+    tier = None
+    try:
+        class_root = repo.index.ensure_dir(SUPER_ROOT, CLASS.encode(), 0o755, 0, 0)
+        triton = repo.index.ensure_dir(class_root.id, b"triton", 0o755, 0, 0)
+        config = remote.parse_remote(redis_server.url, 5.0)
+        tier = remote.Remote(config, repo.index, repo.content, counters, CLASS, class_root.id)
+
+        def bug(*args: object) -> None:
+            raise RuntimeError("a bug in the tier code")
+
+        async def lookups() -> None:
+            assert tier is not None
+            for _ in range(3):
+                assert await tier.lookup(triton.id, b"FUTURE") is None
+            monkeypatch.setattr(tier, "_consult", bug)
+            for _ in range(3):
+                assert await tier.lookup(triton.id, b"FINE") is None
+
+        trio.run(lookups)
+        assert counters.counters[("remote_errors_total", ())] == 2
+    finally:
+        if tier is not None:
+            tier.close()
         repo.close()
 
 
