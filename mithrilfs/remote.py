@@ -6,11 +6,20 @@ answering "no such file".  The tier is optional and never fails a compile:
 any error, timeout or refused object is a local miss, and the compiler
 builds the entry as it would without the tier.
 
-Keys (``<class>`` is the device class, paths are relative to its root)::
+Keys (``<class>`` is the device class, paths are relative to their tree's root)::
 
-    mithrilfs:v1:obj:<64 hex>            an object's bytes, named by blake3
-    mithrilfs:v1:<class>:entry:<path>    the manifest of one cache entry (JSON)
-    mithrilfs:v1:<class>:dirs            a set: every directory above a published entry
+    mithrilfs:v1:obj:<64 hex>                      an object's bytes, named by blake3
+    mithrilfs:v1:<class>:entry:<path>              the shared tree: one entry's manifest (JSON)
+    mithrilfs:v1:<class>:dirs                      a set: every directory above an entry
+    mithrilfs:v1:<class>:user:<uid>:entry:<path>   the same for the private tree of <uid>
+    mithrilfs:v1:<class>:user:<uid>:dirs
+
+Trees: the class root's ``triton/`` and ``inductor/`` are the shared tree,
+``users/<name>/{triton,inductor}`` the private tree of the user who owns
+``users/<name>`` (and whom <name> names).  A tree publishes to and fetches
+from its own namespace only, and what is fetched belongs to the tree's
+owner, with modes that no one else may write through (`SAFE_MODE`).  A
+shared entry that not every local user may read is not published.
 
 A cache entry is what `layouts.entry_rule` says (a Triton key directory, an
 FX graph or AOTAutograd key directory, the code-cache files sharing a stem,
@@ -30,11 +39,13 @@ writes that file last, so a published Triton entry is always complete.
 
 Fetching (on a local miss, in the lookup handler): one round trip asks
 whether the path is a known directory and for the manifests it could belong
-to; a directory is created locally (a known directory always wins over a
-manifest for the same path), an entry has its missing objects fetched,
-each verified against its blake3 name (a mismatch refuses the whole
-entry), staged, moved into the object store and linked into the index in
-one transaction: an entry arrives whole or not at all.  The budget for one
+to (read up to `MAX_MANIFEST_BYTES`); a directory is created locally (a
+known directory always wins over a manifest for the same path), an entry
+has the sizes of its missing objects checked, then their bytes streamed to
+staging files in bounded rounds (`FETCH_WINDOW`, under a `ByteBudget`
+shared by all fetches), each verified against its blake3 name (a mismatch
+refuses the whole entry), moved into the object store and linked into the
+index in one transaction: an entry arrives whole or not at all.  The budget for one
 lookup is ``remote_timeout`` (0.2 s by default) plus one second per
 `FETCH_FLOOR_RATE` bytes being fetched; after a failure the tier is skipped
 for a growing interval (`Backoff`).  Answers of "not there" are remembered
@@ -50,6 +61,10 @@ Threads: redis-py's synchronous client runs only in worker threads
 (`trio.to_thread.run_sync` with a `CapacityLimiter`, socket timeouts, no
 client-side retries) and gets paths and bytes, never index state.  SQLite,
 the store's renames and the counters stay on the trio thread.
+
+Credentials: a password never comes in the URL (`parse_remote` refuses
+it) but from a private file or the environment, and is kept out of reprs
+and logs.
 
 Trust: objects are verified by hash, so a tampered object is refused.
 Manifests are trusted as far as their shape allows: they are checked to
