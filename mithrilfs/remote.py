@@ -750,14 +750,21 @@ class RedisTier:
         writers: dict[bytes, _StagingWriter] = {}
         try:
             digests = sorted(sizes)
-            lengths = self._call(lambda client: _strlen_many(client, digests))
-            for digest, length in zip(digests, lengths, strict=True):
-                if length != sizes[digest]:
-                    if not length:
-                        raise ManifestError(f"object {digest.hex()} is missing from the tier")
-                    raise ManifestError(
-                        f"object {digest.hex()} is {length} bytes, not {sizes[digest]}"
-                    )
+            lengths = dict(
+                zip(
+                    digests,
+                    self._call(functools.partial(_strlen_many, digests=digests)),
+                    strict=True,
+                )
+            )
+            missing = sum(1 for d in digests if not lengths[d])
+            if missing:
+                raise ManifestError(f"{missing} of its objects are missing from the tier")
+            # Not the size of the bytes named so: refused unread, and repaired
+            # (overwritten) when this node publishes those bytes itself.
+            wrong = [d for d in digests if lengths[d] != sizes[d]]
+            if wrong:
+                raise IntegrityError(wrong)
             for pieces in fetch_rounds(sizes, self.window):
                 if staged.abandoned:
                     raise FetchAbandoned
