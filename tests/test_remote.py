@@ -761,7 +761,7 @@ def check_tenancy_across_nodes(
     password_file.touch(mode=0o600)
     password_file.write_text(SECRET + "\n")
     common = ("--allow-other", "--log-level", "DEBUG", "--remote", server.url)
-    one = nodes("one-store", *common, "--remote-password-file", str(password_file))
+    one = nodes("one-store", *common, "-o", f"remote_password_file={password_file}")
     root = one.mountpoint
     for name in USERS:
         make_private_tree(root, name)
@@ -865,6 +865,44 @@ def check_tenancy_across_nodes(
     two.stop()
     assert "shared tier" in two.log_text()
     assert SECRET not in two.log_text()  # both nodes log to the same file, at DEBUG
+
+
+def test_a_daemonized_mount_keeps_the_password_out_of_sight(
+    make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The daemon forks from the command that parsed the options: check that path too."""
+    server = RedisServer(tmp_path / "redis", password=SECRET)
+    server.start()
+    try:
+        mount: Mount = make_mount(name="daemon", start=False)  # the fixture cleans up and checks
+        monkeypatch.setenv(remote.PASSWORD_ENV, SECRET)
+        started = run_cli(
+            "mount",
+            mount.mountpoint,
+            "--store",
+            mount.store,
+            "--device-class",
+            CLASS,
+            "--remote",
+            server.url,
+            "--log-level",
+            "DEBUG",
+            "--log-file",
+            mount.log,
+        )
+        monkeypatch.delenv(remote.PASSWORD_ENV)
+        assert started.returncode == 0, started.stderr
+        (mount / "triton/KEY").mkdir()
+        write_atomic(mount / "triton/KEY/k.so", b"kernel")
+        write_atomic(mount / "triton/KEY/__grp__k.json", b"{}")
+        assert_secret_in_no_command_line()
+        stopped = run_cli("umount", mount.mountpoint)
+        assert stopped.returncode == 0, stopped.stderr
+        assert server.client().get(f"{SHARED_SPACE}entry:triton/KEY") is not None  # authenticated
+        assert "shared tier" in mount.log_text()
+        assert SECRET not in mount.log_text()
+    finally:
+        server.kill()
 
 
 def assert_secret_in_no_command_line() -> None:
