@@ -757,7 +757,7 @@ class RedisTier:
                     strict=True,
                 )
             )
-            missing = sum(1 for d in digests if not lengths[d])
+            missing = sum(1 for d in digests if sizes[d] and not lengths[d])
             if missing:
                 raise ManifestError(f"{missing} of its objects are missing from the tier")
             # Not the size of the bytes named so: refused unread, and repaired

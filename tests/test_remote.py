@@ -11,6 +11,14 @@ The compiler tests (marked ``compilers``) run triton.compile for sm90 and
 torch.compile on CPU in fresh processes; the others drive the mount with
 plain file operations shaped like the compilers' (write under a temporary
 name, rename into place).
+
+The tenancy tests use a redis-server that requires a password and two real
+users (``mtr_a``, ``mtr_b``: useradd in the fixture, userdel afterwards,
+even on failure) who act through ``setpriv``; their private trees are made
+as root the way the daemon makes them.  The bounded-fetch tests write
+hostile or large entries straight into Redis and measure what the daemon
+reads (redis-server's output bytes, a throttling relay) and holds (its
+peak resident memory).
 """
 
 from __future__ import annotations
