@@ -1080,11 +1080,11 @@ def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer
     blob = os.urandom(64 * MIB)
     put_object(client, blob)
     put_manifest(client, "triton/SLOW", [file_doc("k.so", blob)])
-    proxy = ThrottledProxy(redis_server.port, rate=8 * MIB)
+    proxy = ThrottledProxy(redis_server.port, rate=4 * MIB)
     try:
         url = f"redis://127.0.0.1:{proxy.port}/0"
         b = nodes("b-store", "--remote", url, "--remote-timeout", "0.3")
-        # The budget (0.3 s, plus 1.3 s for 64 MiB) runs out 8 s before the bytes would.
+        # The budget (0.3 s, plus 1.3 s for 64 MiB) runs out 14 s before the bytes would.
         assert not (b / "triton/SLOW").exists()
         wait_for(
             lambda: "stopped an abandoned fetch" in b.log_text() or proxy.relayed >= len(blob),
