@@ -403,6 +403,21 @@ def test_manifests_describe_only_their_own_entry() -> None:
             parse(entry, data)
 
 
+def test_which_tree_a_path_is_in_and_who_owns_it() -> None:
+    assert remote.split_tree((b"triton", b"KEY")) == (0, None)
+    assert remote.split_tree((b"inductor",)) == (0, None)
+    assert remote.split_tree((b"users", b"alice", b"triton", b"KEY")) == (2, b"alice")
+    for outside in ((b"users", b"alice"), (b"users", b"alice", b"other"), (b"other", b"x"), ()):
+        assert remote.split_tree(outside) is None, outside
+    assert remote.namespace(CLASS, None) == f"mithrilfs:v1:{CLASS}:".encode()
+    assert remote.namespace(CLASS, 1234) == f"mithrilfs:v1:{CLASS}:user:1234:".encode()
+    assert remote.names_user(b"root", 0)
+    assert remote.names_user(b"1234", 1234)  # a user with no passwd entry
+    assert not remote.names_user(b"root", 1234)
+    assert not remote.names_user(b"1234", 0)
+    assert not remote.names_user(b"no-such-user-here", 0)
+
+
 def test_backoff_and_negative_cache() -> None:
     backoff = remote.Backoff(initial=0.5, maximum=2.0)
     assert backoff.ready(0.0)
