@@ -12,6 +12,7 @@ Besides the subcommands, mount(8) calls helpers as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sqlite3
@@ -184,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
         "Cluster; or ?cluster=1); see docs/remote.md",
     )
     mount.add_argument(
+        "--remote-password-file",
+        metavar="FILE",
+        help="the shared tier's password, read from FILE (which must not be readable by "
+        "group or others); or set MITHRILFS_REMOTE_PASSWORD. Never put it in the URL",
+    )
+    mount.add_argument(
         "--remote-timeout",
         metavar="SECONDS",
         help="time a lookup may wait for the shared tier before answering locally "
@@ -195,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated mount options: allow_other, ro, "
         "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
-        "remote_timeout=SECONDS (fstab form)",
+        "remote_timeout=SECONDS, remote_password_file=FILE (fstab form)",
     )
     mount.add_argument(
         "--log-level",
@@ -335,15 +342,21 @@ def _cmd_mount(options: argparse.Namespace) -> int:
 
 
 def _remote(settings: dict[str, str], options: argparse.Namespace) -> RemoteConfig | None:
-    from mithrilfs.remote import parse_remote, parse_timeout
+    from mithrilfs.remote import PASSWORD_ENV, parse_remote, parse_timeout, read_password_file
 
     url = settings.get("remote", options.remote)
     timeout = _optional(settings.get("remote_timeout", options.remote_timeout), parse_timeout)
+    password_file = settings.get("remote_password_file", options.remote_password_file)
+    # Read once, here, and kept out of the environment the daemon passes on.
+    password = os.environ.pop(PASSWORD_ENV, None) or None
     if url is None:
-        if timeout is not None:
-            raise UserError("--remote-timeout needs --remote", 2)
+        if timeout is not None or password_file is not None:
+            raise UserError("--remote-timeout and --remote-password-file need --remote", 2)
         return None
-    return parse_remote(url, timeout)
+    config = parse_remote(url, timeout)
+    if password_file is not None:
+        password = read_password_file(Path(password_file))
+    return dataclasses.replace(config, password=password) if password else config
 
 
 def _log_level(text: str) -> str:
@@ -368,6 +381,7 @@ def _parse_mount_options(text: str) -> dict[str, str]:
         "metrics_listen",
         "remote",
         "remote_timeout",
+        "remote_password_file",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):

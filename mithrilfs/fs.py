@@ -307,7 +307,7 @@ class Operations(pyfuse3.Operations):
         layout = self._layout_below(parent, name)
         node = self.index.lookup(parent, name)
         if node is None and self.remote is not None:
-            node = await self.remote.lookup(parent, name, ctx.uid, ctx.gid)
+            node = await self.remote.lookup(parent, name)
         if node is None:
             self.stats.inc("lookups_total", result="miss", layout=layout)
             negative = pyfuse3.EntryAttributes()

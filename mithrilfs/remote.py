@@ -6,11 +6,20 @@ answering "no such file".  The tier is optional and never fails a compile:
 any error, timeout or refused object is a local miss, and the compiler
 builds the entry as it would without the tier.
 
-Keys (``<class>`` is the device class, paths are relative to its root)::
+Keys (``<class>`` is the device class, paths are relative to their tree's root)::
 
-    mithrilfs:v1:obj:<64 hex>            an object's bytes, named by blake3
-    mithrilfs:v1:<class>:entry:<path>    the manifest of one cache entry (JSON)
-    mithrilfs:v1:<class>:dirs            a set: every directory above a published entry
+    mithrilfs:v1:obj:<64 hex>                      an object's bytes, named by blake3
+    mithrilfs:v1:<class>:entry:<path>              the shared tree: one entry's manifest (JSON)
+    mithrilfs:v1:<class>:dirs                      a set: every directory above an entry
+    mithrilfs:v1:<class>:user:<uid>:entry:<path>   the same for the private tree of <uid>
+    mithrilfs:v1:<class>:user:<uid>:dirs
+
+Trees: the class root's ``triton/`` and ``inductor/`` are the shared tree,
+``users/<name>/{triton,inductor}`` the private tree of the user who owns
+``users/<name>`` (and whom <name> names).  A tree publishes to and fetches
+from its own namespace only, and what is fetched belongs to the tree's
+owner, with modes that no one else may write through (`SAFE_MODE`).  A
+shared entry that not every local user may read is not published.
 
 A cache entry is what `layouts.entry_rule` says (a Triton key directory, an
 FX graph or AOTAutograd key directory, the code-cache files sharing a stem,
@@ -30,11 +39,13 @@ writes that file last, so a published Triton entry is always complete.
 
 Fetching (on a local miss, in the lookup handler): one round trip asks
 whether the path is a known directory and for the manifests it could belong
-to; a directory is created locally (a known directory always wins over a
-manifest for the same path), an entry has its missing objects fetched,
-each verified against its blake3 name (a mismatch refuses the whole
-entry), staged, moved into the object store and linked into the index in
-one transaction: an entry arrives whole or not at all.  The budget for one
+to (read up to `MAX_MANIFEST_BYTES`); a directory is created locally (a
+known directory always wins over a manifest for the same path), an entry
+has the sizes of its missing objects checked, then their bytes streamed to
+staging files in bounded rounds (`FETCH_WINDOW`, under a `ByteBudget`
+shared by all fetches), each verified against its blake3 name (a mismatch
+refuses the whole entry), moved into the object store and linked into the
+index in one transaction: an entry arrives whole or not at all.  The budget for one
 lookup is ``remote_timeout`` (0.2 s by default) plus one second per
 `FETCH_FLOOR_RATE` bytes being fetched; after a failure the tier is skipped
 for a growing interval (`Backoff`).  Answers of "not there" are remembered
@@ -51,6 +62,10 @@ Threads: redis-py's synchronous client runs only in worker threads
 client-side retries) and gets paths and bytes, never index state.  SQLite,
 the store's renames and the counters stay on the trio thread.
 
+Credentials: a password never comes in the URL (`parse_remote` refuses
+it) but from a private file or the environment, and is kept out of reprs
+and logs.
+
 Trust: objects are verified by hash, so a tampered object is refused.
 Manifests are trusted as far as their shape allows: they are checked to
 describe only files inside their own entry, but whoever can write the
@@ -61,10 +76,12 @@ docs/remote.md.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import logging
 import os
+import pwd
 import stat
 import threading
 import time
@@ -105,9 +122,16 @@ DRAIN_SECONDS = 5.0  # at unmount, time given to publish what is still queued
 CONNECT_SECONDS = 2.0  # at mount, time given to reach the tier before serving
 MAX_ENTRY_FILES = 4096
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a longer manifest is refused unread
+MAX_NS = (1 << 63) - 1  # the largest timestamp SQLite and the kernel take
+FETCH_WINDOW = 4 * 1024 * 1024  # object bytes one fetch asks for per round trip
+FETCH_IN_FLIGHT = 16 * 1024 * 1024  # object bytes all fetches of a mount hold at once
+SAFE_MODE = 0o755  # what a fetched node may keep: no group/other write, setuid, setgid
+PASSWORD_ENV = "MITHRILFS_REMOTE_PASSWORD"
 LOOKUP_THREADS = 8
 PUBLISH_THREADS = 2
 _REMEMBERED_MANIFESTS = 100_000
+_REMEMBERED_OWNERS = 10_000
 _WALK_LIMIT = 100_000
 
 _KINDS = ("dir", "stem", "file")
@@ -138,7 +162,7 @@ class IntegrityError(Exception):
 class RemoteConfig:
     """Where the tier is and how long it may take; built by `parse_remote`."""
 
-    url: str  # as the operator gave it
+    url: str  # as the operator gave it; never holds a password
     client_url: str  # what redis-py gets: scheme, host, port, db, its own query options
     cluster: bool = False
     timeout: float = DEFAULT_TIMEOUT
@@ -146,30 +170,39 @@ class RemoteConfig:
     queue_size: int = PUBLISH_QUEUE
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
+    # Passed to redis-py apart from the URL, and kept out of every repr and log.
+    password: str | None = field(default=None, repr=False)
 
     @property
     def display(self) -> str:
-        """The URL with any password replaced, for logs."""
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        """The URL as logs show it (`parse_remote` refuses one with a password)."""
+        return self.url
 
 
-def parse_remote(url: str, timeout: float | None = None) -> RemoteConfig:
+def parse_remote(
+    url: str, timeout: float | None = None, password: str | None = None
+) -> RemoteConfig:
     """Validate a ``--remote`` URL.
 
     ``redis://`` and ``rediss://`` (TLS) name one server; Redis Cluster is
     selected by the scheme ``redis+cluster://`` / ``rediss+cluster://`` or
     by the query option ``cluster=1``.  Other query options go to redis-py.
+    A password inside the URL is refused: command lines and fstab are
+    readable by every user of the node.
     """
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
+        has_password = parts.password is not None
     except ValueError as exc:
-        raise UserError(f"--remote: invalid URL '{url}': {exc}", 2) from None
+        raise UserError(f"--remote: invalid URL: {exc}", 2) from None
+    if has_password or "password" in urllib.parse.parse_qs(parts.query):
+        raise UserError(
+            "--remote: the URL must not hold a password (every user can read command lines "
+            "and fstab): put it in a file only root can read and pass --remote-password-file "
+            f"FILE (fstab: remote_password_file=FILE), or set {PASSWORD_ENV}",
+            2,
+        )
     scheme = parts.scheme.lower()
     cluster = scheme in _CLUSTER_SCHEMES
     scheme = _CLUSTER_SCHEMES.get(scheme, scheme)
@@ -201,7 +234,35 @@ def parse_remote(url: str, timeout: float | None = None) -> RemoteConfig:
         client_url=client_url,
         cluster=cluster,
         timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+        password=password,
     )
+
+
+def read_password_file(path: Path) -> str:
+    """The tier's password from *path*, which no one but its owner may read."""
+    what = f"--remote-password-file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise UserError(f"{what}: no such file", 2) from None
+    except OSError as exc:
+        raise UserError(f"{what}: {exc.strerror}", 2) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{what}: not a regular file", 2)
+        if info.st_mode & 0o044:
+            raise UserError(
+                f"{what}: readable by group or others; make it private (chmod 600 {path})", 2
+            )
+        data = file.read(64 * 1024)
+    try:
+        password = data.decode().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: not UTF-8 text", 2) from None
+    if not password or "\n" in password:
+        raise UserError(f"{what}: expected one line holding the password", 2)
+    return password
 
 
 def parse_timeout(text: str) -> float:
@@ -230,12 +291,19 @@ def object_key(digest: bytes) -> bytes:
     return KEY_PREFIX + b"obj:" + digest.hex().encode()
 
 
-def entry_key(device_class: str, path: tuple[bytes, ...]) -> bytes:
-    return KEY_PREFIX + device_class.encode() + b":entry:" + b"/".join(path)
+def namespace(device_class: str, uid: int | None) -> bytes:
+    """The key prefix of one tree's entries: the class's cluster-wide namespace
+    (the shared tree) or the one of the user with this uid (their private tree)."""
+    shared = KEY_PREFIX + device_class.encode() + b":"
+    return shared if uid is None else shared + b"user:%d:" % uid
 
 
-def dirs_key(device_class: str) -> bytes:
-    return KEY_PREFIX + device_class.encode() + b":dirs"
+def entry_key(space: bytes, path: tuple[bytes, ...]) -> bytes:
+    return space + b"entry:" + b"/".join(path)
+
+
+def dirs_key(space: bytes) -> bytes:
+    return space + b"dirs"
 
 
 def is_temporary(name: bytes) -> bool:
@@ -307,13 +375,14 @@ class Manifest:
             kind = doc["kind"]
             if kind not in _KINDS:
                 raise ManifestError(f"unknown entry kind {kind!r}")
+            _int(doc.get("mtime_ns", 0), MAX_NS)
             files = tuple(
                 FileSpec(
                     path=_split(item["path"]),
                     mode=_int(item["mode"], 0o7777),
                     size=_int(item["size"], MAX_OBJECT_BYTES),
                     digest=_digest(item["blake3"]),
-                    mtime_ns=_int(item["mtime_ns"], 1 << 63),
+                    mtime_ns=_int(item["mtime_ns"], MAX_NS),
                 )
                 for item in doc["files"]
             )
@@ -336,6 +405,8 @@ class Manifest:
             raise ManifestError("a path is listed twice")
         sizes: dict[bytes, int] = {EMPTY_DIGEST: 0}
         for f in self.files:
+            if f.size == 0 and f.digest != EMPTY_DIGEST:
+                raise ManifestError(f"object {f.digest.hex()} listed as empty")
             if sizes.setdefault(f.digest, f.size) != f.size:
                 raise ManifestError(f"object {f.digest.hex()} listed with two sizes")
         if self.kind == "dir":
@@ -480,7 +551,8 @@ class PublishJob:
     key: bytes
     manifest: bytes
     objects: dict[bytes, tuple[Path, int]]  # digest -> (object file, size)
-    dirs: list[bytes]  # directories above the entry, from the class root
+    dirs_key: bytes  # the set of directories of the entry's namespace
+    dirs: list[bytes]  # directories above the entry, from its tree's root
 
 
 @dataclass
@@ -494,8 +566,9 @@ class PublishResult:
 class StagedObjects:
     """Objects fetched into staging files, handed from a worker thread to the trio thread.
 
-    A lookup that runs out of time abandons its thread; whichever side
-    finishes last deletes the files, so nothing is left in staging/.
+    A lookup that runs out of time abandons its thread and sets `abandoned`:
+    the thread stops at its next round trip, and whichever side finishes last
+    deletes the files, so nothing is left in staging/.
     """
 
     def __init__(self) -> None:
@@ -511,12 +584,105 @@ class StagedObjects:
         self.paths.clear()
 
 
+class FetchAbandoned(Exception):
+    """The lookup that wanted these objects gave up: stop reading."""
+
+
+class ByteBudget:
+    """Object bytes that fetch threads may hold at once, shared by every fetch of a mount.
+
+    A round trip takes its bytes before it is sent and gives them back once
+    they are on disk, so a burst of large fetches waits here instead of
+    holding whole entries in memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int, staged: StagedObjects) -> int:
+        """Take *amount* bytes (at most the limit), waiting for them; FetchAbandoned when
+        *staged* is abandoned meanwhile.  Returns what was taken, for `release`."""
+        amount = min(amount, self.limit)
+        with self._cond:
+            while not staged.abandoned and self.used + amount > self.limit:
+                self._cond.wait()
+            if staged.abandoned:
+                raise FetchAbandoned
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """A fetch was abandoned: let its thread stop waiting."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+class _StagingWriter:
+    """One object streamed into a staging file and hashed as it arrives."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.hasher = blake3.blake3()
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> bytes:
+        os.close(self.fd)
+        self.fd = -1
+        return self.hasher.digest()
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def fetch_rounds(
+    sizes: dict[bytes, int], window: int = FETCH_WINDOW
+) -> Iterator[list[tuple[bytes, int, int]]]:
+    """(digest, offset, length) pieces of every object, in rounds of at most *window* bytes.
+
+    Small objects share a round trip; a large one is read a window at a time.
+    """
+    batch: list[tuple[bytes, int, int]] = []
+    room = window
+    for digest in sorted(sizes):
+        offset, size = 0, sizes[digest]
+        while offset < size:
+            length = min(size - offset, room)
+            batch.append((digest, offset, length))
+            offset += length
+            room -= length
+            if room == 0:
+                yield batch
+                batch, room = [], window
+    if batch:
+        yield batch
+
+
 class RedisTier:
     """The synchronous redis-py client; every method runs in a worker thread."""
 
     def __init__(self, config: RemoteConfig, staging_dir: Path) -> None:
         self.config = config
         self.staging_dir = staging_dir
+        self.budget = ByteBudget(FETCH_IN_FLIGHT)
+        self.window = FETCH_WINDOW
         self._client: Any = None
         self._lock = threading.Lock()
         self._names = itertools.count()
@@ -555,60 +721,93 @@ class RedisTier:
         self._call(lambda client: client.ping())
 
     def probe(
-        self, device_class: str, path: tuple[bytes, ...], entries: list[tuple[bytes, ...]]
+        self, space: bytes, path: tuple[bytes, ...], entries: list[tuple[bytes, ...]]
     ) -> Probe:
         def run(client: Any) -> Probe:
             pipe = client.pipeline(transaction=False)
-            pipe.sismember(dirs_key(device_class), b"/".join(path))
+            pipe.sismember(dirs_key(space), b"/".join(path))
             for entry in entries:
-                pipe.get(entry_key(device_class, entry))
+                # At most one byte more than a manifest may have: no hostile
+                # value is read whole.
+                pipe.getrange(entry_key(space, entry), 0, MAX_MANIFEST_BYTES)
             replies = pipe.execute()
-            return Probe(bool(replies[0]), dict(zip(entries, replies[1:], strict=True)))
+            return Probe(
+                bool(replies[0]),
+                {e: v or None for e, v in zip(entries, replies[1:], strict=True)},
+            )
 
         return self._call(run)
 
     def fetch(self, sizes: dict[bytes, int], staged: StagedObjects) -> None:
-        """Fetch, verify and stage objects (digest -> size) into *staged* (see StagedObjects)."""
-        digests = sorted(sizes)
+        """Stream objects (digest -> size) into staging files, verified, into *staged*.
+
+        Every size is checked (STRLEN) before any body is read.  Bodies come
+        in round trips of at most FETCH_WINDOW bytes (pipelined GETRANGEs),
+        each holding its bytes against the budget every fetch shares, and
+        go straight to staging files.  Between round trips the thread looks
+        at `staged.abandoned`: a fetch whose lookup gave up stops reading.
+        """
+        writers: dict[bytes, _StagingWriter] = {}
         try:
-            replies = self._call(lambda client: _get_many(client, digests))
-            values = {d: v for d, v in zip(digests, replies, strict=True) if v is not None}
-            if len(values) != len(digests):
-                missing = len(digests) - len(values)
+            digests = sorted(sizes)
+            lengths = dict(
+                zip(
+                    digests,
+                    self._call(functools.partial(_strlen_many, digests=digests)),
+                    strict=True,
+                )
+            )
+            missing = sum(1 for d in digests if sizes[d] and not lengths[d])
+            if missing:
                 raise ManifestError(f"{missing} of its objects are missing from the tier")
-            bad = [d for d, v in values.items() if blake3.blake3(v).digest() != d]
-            if bad:
-                raise IntegrityError(bad)
-            if any(len(v) != sizes[d] for d, v in values.items()):
-                raise ManifestError("an object's size is not the one the manifest gives")
-            for digest, value in values.items():
-                staged.paths[digest] = self._stage(value)
-                staged.fetched_bytes += len(value)
+            # Not the size of the bytes named so: refused unread, and repaired
+            # (overwritten) when this node publishes those bytes itself.
+            wrong = [d for d in digests if lengths[d] != sizes[d]]
+            if wrong:
+                raise IntegrityError(wrong)
+            for pieces in fetch_rounds(sizes, self.window):
+                if staged.abandoned:
+                    raise FetchAbandoned
+                taken = self.budget.acquire(sum(length for _d, _o, length in pieces), staged)
+                try:
+                    replies = self._call(functools.partial(_get_ranges, pieces=pieces))
+                    for (digest, offset, length), data in zip(pieces, replies, strict=True):
+                        if len(data) != length:
+                            raise ManifestError(f"object {digest.hex()} changed while read")
+                        writer = writers.get(digest)
+                        if writer is None:
+                            writer = writers[digest] = _StagingWriter(self._staging_path())
+                        writer.write(data)
+                        staged.fetched_bytes += length
+                        if offset + length == sizes[digest]:
+                            if writer.close() != digest:
+                                raise IntegrityError([digest])
+                            staged.paths[digest] = writers.pop(digest).path
+                    del replies
+                finally:
+                    self.budget.release(taken)
+        except FetchAbandoned:
+            # Nobody waits for this thread any more; the files go in `finally`.
+            log.info(
+                "stopped an abandoned fetch after %d of %d bytes",
+                staged.fetched_bytes,
+                sum(sizes.values()),
+            )
         except BaseException:
             staged.discard()
             raise
-        with staged.lock:
-            staged.done = True
-            if staged.abandoned:
-                staged.discard()
+        finally:
+            for writer in writers.values():
+                writer.discard()
+            with staged.lock:
+                staged.done = True
+                if staged.abandoned:
+                    staged.discard()
 
-    def _stage(self, data: bytes) -> Path:
-        path = self.staging_dir / f"remote.{os.getpid()}.{next(self._names)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        return path
+    def _staging_path(self) -> Path:
+        return self.staging_dir / f"remote.{os.getpid()}.{next(self._names)}"
 
-    def publish(
-        self, device_class: str, jobs: list[PublishJob], overwrite: set[bytes]
-    ) -> PublishResult:
+    def publish(self, jobs: list[PublishJob], overwrite: set[bytes]) -> PublishResult:
         """Objects first (those the tier lacks), then manifests, then directories."""
         result = PublishResult()
         sizes = {d: size for job in jobs for d, (_p, size) in job.objects.items()}
@@ -662,7 +861,7 @@ class RedisTier:
             for job in ready:
                 pipe.set(job.key, job.manifest)
                 if job.dirs:
-                    pipe.sadd(dirs_key(device_class), *job.dirs)
+                    pipe.sadd(job.dirs_key, *job.dirs)
             pipe.execute()
 
         if ready:
@@ -683,16 +882,25 @@ def _make_client(config: RemoteConfig) -> Any:
         "socket_connect_timeout": max(config.timeout, 0.5),
         "retry": Retry(NoBackoff(), 0),
     }
+    if config.password is not None:
+        options["password"] = config.password
     if config.cluster:
         return RedisCluster.from_url(config.client_url, **options)
     return Redis.from_url(config.client_url, health_check_interval=0, **options)
 
 
-def _get_many(client: Any, digests: list[bytes]) -> list[bytes | None]:
-    # A pipeline of GETs rather than MGET: in a cluster the keys live in many slots.
+def _strlen_many(client: Any, digests: list[bytes]) -> list[int]:
+    # Pipelines rather than multi-key commands: in a cluster the keys live in many slots.
     pipe = client.pipeline(transaction=False)
     for digest in digests:
-        pipe.get(object_key(digest))
+        pipe.strlen(object_key(digest))
+    return [int(n) for n in pipe.execute()]
+
+
+def _get_ranges(client: Any, pieces: list[tuple[bytes, int, int]]) -> list[bytes]:
+    pipe = client.pipeline(transaction=False)
+    for digest, offset, length in pieces:
+        pipe.getrange(object_key(digest), offset, offset + length - 1)
     return list(pipe.execute())
 
 
@@ -714,19 +922,56 @@ def _read_verified(path: Path, digest: bytes, size: int) -> bytes | None:
 # -- the trio side: lookups, installs and the publisher --------------------------------
 
 
+PRIVATE_TREES = b"users"  # users/<name>/{triton,inductor}: one user's private tree
+
+
+def split_tree(parts: tuple[bytes, ...]) -> tuple[int, bytes | None] | None:
+    """Which tree a path from the class root is in: (how many leading components
+    name the tree, its owner's name or None for the shared tree), or None."""
+    if parts and parts[0].decode(errors="replace") in LAYOUT_ROOTS:
+        return 0, None
+    in_private = len(parts) >= 3 and parts[0] == PRIVATE_TREES
+    if in_private and parts[2].decode(errors="replace") in LAYOUT_ROOTS:
+        return 2, parts[1]
+    return None
+
+
+def names_user(name: bytes, uid: int) -> bool:
+    """Whether a private tree called *name* belongs to *uid*: its passwd name, or the
+    decimal uid of a user with none."""
+    if name.isdigit():
+        return int(name) == uid
+    try:
+        return pwd.getpwnam(os.fsdecode(name)).pw_uid == uid
+    except (KeyError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """A tree as the tier sees it: its namespace and who owns what lands in it."""
+
+    prefix: int  # leading path components naming the tree (0: shared, 2: users/<name>)
+    uid: int | None  # the namespace: None for the cluster-wide one, else the owner's uid
+    owner: tuple[int, int]  # uid and gid of every node fetched into it
+
+
 @dataclass(frozen=True)
 class _Query:
     """What a local miss can be in the tier."""
 
-    path: tuple[bytes, ...]  # the missing name's path from the class root
-    entries: list[tuple[bytes, ...]]  # entry paths whose manifest could hold it
+    tree: _Tree
+    local: tuple[bytes, ...]  # the missing name's path from the class root
+    path: tuple[bytes, ...]  # ... and from its tree's root, as the tier knows it
+    entries: list[tuple[bytes, ...]]  # entry paths (in the tree) whose manifest could hold it
 
 
 @dataclass(frozen=True)
 class _Location:
-    """A local cache entry: its path and what is needed to list its files."""
+    """A local cache entry: its tree, path and what is needed to list its files."""
 
-    path: tuple[bytes, ...]
+    tree: _Tree
+    path: tuple[bytes, ...]  # from the tree's root
     kind: str
     base: int  # the directory holding the entry's files (the entry directory for "dir")
     root: int | None = None  # "dir" entries: the entry directory
@@ -757,6 +1002,7 @@ class Remote:
         self._publish_threads = trio.CapacityLimiter(PUBLISH_THREADS)
         self._inflight: dict[tuple[bytes, ...], trio.Event] = {}
         self._top_dirs: set[int] = set()  # directories known to sit right below the root
+        self._owners: dict[tuple[bytes, int], bool] = {}  # (tree name, uid) -> names_user
         # inode -> when it was last queued; insertion order is publishing order.
         self._queue: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._publishing = 0
@@ -803,10 +1049,10 @@ class Remote:
 
     # -- where things are in the local tree --------------------------------------------
 
-    def _dir_parts(self, ino: int) -> tuple[bytes, ...] | None:
-        """Names from the class root to directory *ino*; None if it is not in this tree."""
+    def _dir_path(self, ino: int) -> tuple[tuple[bytes, ...], list[int]] | None:
+        """Names and inodes from the class root to directory *ino*; None if not in this tree."""
         if ino == self.root:
-            return ()
+            return (), []
         names, inodes = self.index._path_to(ino)
         if not inodes:
             return None  # detached
@@ -818,7 +1064,25 @@ class Remote:
             if self.index.parent_of(top) != self.root:
                 return None
             self._top_dirs.add(top)
-        return tuple(names)
+        return tuple(names), inodes
+
+    def _tree(self, path: tuple[bytes, ...], inodes: list[int]) -> _Tree | None:
+        """The tree of *path* (whose directories are *inodes*), or None: not in one, or a
+        private tree whose root is not owned by the user it is named after."""
+        split = split_tree(path)
+        if split is None or len(inodes) <= split[0]:
+            return None
+        prefix, name = split
+        if name is None:
+            layout_root = self.index.get(inodes[0])
+            return _Tree(0, None, (layout_root.uid, layout_root.gid))
+        root = self.index.get(inodes[1])
+        known = self._owners.get((name, root.uid))
+        if known is None:
+            if len(self._owners) > _REMEMBERED_OWNERS:
+                self._owners.clear()
+            known = self._owners[(name, root.uid)] = names_user(name, root.uid)
+        return _Tree(prefix, root.uid, (root.uid, root.gid)) if known else None
 
     def _location_of(self, ino: int) -> tuple[int, bytes] | None:
         # Read-only queries on the index's tables, as fsck makes; Index has no
@@ -862,53 +1126,63 @@ class Remote:
     def _query(self, parent: int, name: bytes) -> _Query | None:
         if is_temporary(name):
             return None
-        parent_parts = self._dir_parts(parent)
-        if parent_parts is None:
+        where = self._dir_path(parent)
+        if where is None:
             return None
-        path = (*parent_parts, name)
-        if len(path) < 2 or path[0].decode(errors="replace") not in LAYOUT_ROOTS:
+        parent_parts, inodes = where
+        local = (*parent_parts, name)
+        tree = self._tree(local, inodes)
+        if tree is None:
             return None
-        if any(is_temporary(part) for part in parent_parts):
+        path = local[tree.prefix :]
+        if len(path) < 2 or any(is_temporary(part) for part in path):
             return None
         as_file = entry_rule(list(path))
         if as_file.depth is not None and as_file.depth < len(path):
             return None  # inside an entry directory this node already has
         entries = [path]
         if as_file.stem is not None:
-            entries.append((*parent_parts, as_file.stem))
-        return _Query(path, entries)
+            entries.append((*path[:-1], as_file.stem))
+        return _Query(tree, local, path, entries)
 
-    async def lookup(self, parent: int, name: bytes, uid: int, gid: int) -> Inode | None:
-        """Answer a local miss from the tier: the inode now created locally, or None."""
+    async def lookup(self, parent: int, name: bytes) -> Inode | None:
+        """Answer a local miss from the tier: the inode now created locally, or None.
+
+        What is fetched comes from the namespace of the tree *parent* is in
+        and belongs to that tree's owner, whoever asked.
+        """
         now = time.monotonic()
         if not self.backoff.ready(now):
             return None
         query = self._query(parent, name)
-        if query is None or self.negative.hit(query.path, now):
+        if query is None or self.negative.hit(query.local, now):
             return None
-        running = self._inflight.get(query.path)
+        running = self._inflight.get(query.local)
         if running is not None:
             await running.wait()  # the same name, asked by another process
             return self.index.lookup(parent, name)
-        done = self._inflight[query.path] = trio.Event()
+        done = self._inflight[query.local] = trio.Event()
         try:
-            await self._consult(parent, name, query, uid, gid)
+            await self._consult(parent, name, query)
         except Exception:
-            # A bug here must not fail the compile: log it and answer locally.
+            # A bug here must not fail the compile: log it, answer locally, and
+            # do not pay for it again on every lookup of the name.
             self.stats.inc("remote_errors_total")
-            log.exception("shared tier lookup of %s failed", os.fsdecode(b"/".join(query.path)))
+            self.negative.add(query.local, time.monotonic())
+            log.exception("shared tier lookup of %s failed", os.fsdecode(b"/".join(query.local)))
         finally:
-            del self._inflight[query.path]
+            del self._inflight[query.local]
             done.set()
         return self.index.lookup(parent, name)
 
-    async def _consult(self, parent: int, name: bytes, query: _Query, uid: int, gid: int) -> None:
+    async def _consult(self, parent: int, name: bytes, query: _Query) -> None:
         budget = self.config.timeout
+        owner = query.tree.owner
         try:
             with trio.fail_after(budget):
                 probe = await trio.to_thread.run_sync(
                     self.tier.probe,
-                    self.device_class,
+                    namespace(self.device_class, query.tree.uid),
                     query.path,
                     query.entries,
                     limiter=self._lookup_threads,
@@ -918,9 +1192,9 @@ class Remote:
             # if a manifest says otherwise, the directory wins.
             manifest = None if probe.is_dir else self._pick(probe, query)
             if probe.is_dir:
-                fetched = self._install_dir(parent, name, uid, gid)
+                fetched = self._install_dir(parent, name, owner)
             elif manifest is not None:
-                fetched = await self._fetch_and_install(parent, name, manifest, budget, uid, gid)
+                fetched = await self._fetch_and_install(parent, name, manifest, budget, owner)
             else:
                 fetched = None
         except trio.TooSlowError:
@@ -933,19 +1207,19 @@ class Remote:
             self._refused.update(exc.digests)
             self.stats.inc("remote_errors_total")
             self.stats.inc("integrity_failures_total", len(exc.digests))
-            self.negative.add(query.path, time.monotonic())
+            self.negative.add(query.local, time.monotonic())
             log.warning(
                 "refused %s from the shared tier: objects do not match their hash: %s",
-                os.fsdecode(b"/".join(query.path)),
+                os.fsdecode(b"/".join(query.local)),
                 exc,
             )
             return
         except ManifestError as exc:
             self.stats.inc("remote_errors_total")
-            self.negative.add(query.path, time.monotonic())
+            self.negative.add(query.local, time.monotonic())
             log.warning(
                 "ignored the shared tier's entry for %s: %s",
-                os.fsdecode(b"/".join(query.path)),
+                os.fsdecode(b"/".join(query.local)),
                 exc,
             )
             return
@@ -953,7 +1227,7 @@ class Remote:
             log.info("shared tier %s is reachable again", self.config.display)
         if fetched is None:
             self.stats.inc("remote_misses_total")
-            self.negative.add(query.path, time.monotonic())
+            self.negative.add(query.local, time.monotonic())
             return
         self.stats.inc("remote_hits_total")
         if fetched:
@@ -966,6 +1240,8 @@ class Remote:
             data = probe.manifests.get(entry)
             if data is None:
                 continue
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest of over {MAX_MANIFEST_BYTES} bytes")
             manifest = Manifest.from_json(data, entry)
             if manifest.kind == "stem" and not any(
                 f.path == query.path[-1:] for f in manifest.files
@@ -991,8 +1267,7 @@ class Remote:
         name: bytes,
         manifest: Manifest,
         budget: float,
-        uid: int,
-        gid: int,
+        owner: tuple[int, int],
     ) -> int | None:
         """Fetch what the store lacks, then link the entry; bytes fetched, or None."""
         if self._conflicts(parent, manifest):
@@ -1019,12 +1294,13 @@ class Remote:
                         limiter=self._lookup_threads,
                         abandon_on_cancel=True,
                     )
-            installed = self._install(parent, name, manifest, staged, uid, gid)
+            installed = self._install(parent, name, manifest, staged, owner)
         except BaseException:
             with staged.lock:
                 staged.abandoned = True
                 if staged.done:
                     staged.discard()
+            self.tier.budget.wake()  # the thread may wait for bytes it no longer needs
             raise
         return staged.fetched_bytes if installed else None
 
@@ -1046,8 +1322,7 @@ class Remote:
         name: bytes,
         manifest: Manifest,
         staged: StagedObjects,
-        uid: int,
-        gid: int,
+        owner: tuple[int, int],
     ) -> bool:
         """Link a fetched entry into the index, whole, in one transaction.
 
@@ -1073,7 +1348,7 @@ class Remote:
                         moved.append(digest)
                     del staged.paths[digest]
                 with index.transaction():
-                    self._link(parent, manifest, uid, gid)
+                    self._link(parent, manifest, owner)
             except BaseException:
                 for digest in moved:
                     if index.object_size(digest) is None:
@@ -1089,35 +1364,35 @@ class Remote:
         finally:
             staged.discard()
 
-    def _link(self, parent: int, manifest: Manifest, uid: int, gid: int) -> None:
+    def _link(self, parent: int, manifest: Manifest, owner: tuple[int, int]) -> None:
+        """Create the entry's nodes as *owner*'s, with modes no one else may write through."""
         index = self.index
         base = parent
         dirs: dict[tuple[bytes, ...], int] = {(): parent}
         if manifest.kind == "dir":
-            root = index.make_node(parent, manifest.entry[-1], stat.S_IFDIR | 0o755, uid, gid)
+            root = index.make_node(parent, manifest.entry[-1], stat.S_IFDIR | 0o755, *owner)
             dirs[()] = base = root.id
             for path, mode in sorted(manifest.dirs, key=lambda item: len(item[0])):
                 node = index.make_node(
-                    dirs[path[:-1]], path[-1], stat.S_IFDIR | (mode & 0o777), uid, gid
+                    dirs[path[:-1]], path[-1], stat.S_IFDIR | (mode & SAFE_MODE), *owner
                 )
                 dirs[path] = node.id
         for f in manifest.files:
             node = index.make_node(
                 dirs[f.path[:-1]] if manifest.kind == "dir" else base,
                 f.path[-1],
-                stat.S_IFREG | (f.mode & 0o777),
-                uid,
-                gid,
+                stat.S_IFREG | (f.mode & SAFE_MODE),
+                *owner,
             )
             index.set_content(node.id, f.digest, f.size, f.mtime_ns)
             index.set_attrs(node.id, mtime_ns=f.mtime_ns, ctime_ns=f.mtime_ns)
 
-    def _install_dir(self, parent: int, name: bytes, uid: int, gid: int) -> int | None:
-        """A directory the tier knows above some entry: create it, empty."""
+    def _install_dir(self, parent: int, name: bytes, owner: tuple[int, int]) -> int | None:
+        """A directory the tier knows above some entry: create it, empty, as *owner*'s."""
         if not self._parent_alive(parent) or self.index.lookup(parent, name) is not None:
             return None
         with self.index.transaction():
-            self.index.make_node(parent, name, stat.S_IFDIR | 0o755, uid, gid)
+            self.index.make_node(parent, name, stat.S_IFDIR | 0o755, *owner)
         return 0
 
     # -- publishing ----------------------------------------------------------------------
@@ -1220,7 +1495,6 @@ class Remote:
             with trio.fail_after(PUBLISH_TIMEOUT):
                 result = await trio.to_thread.run_sync(
                     self.tier.publish,
-                    self.device_class,
                     jobs,
                     refused,
                     limiter=self._publish_threads,
@@ -1264,7 +1538,8 @@ class Remote:
         jobs: dict[bytes, PublishJob] = {}
         fingerprints: dict[bytes, bytes] = {}
         for location in self._locations(inodes):
-            key = entry_key(self.device_class, location.path)
+            space = namespace(self.device_class, location.tree.uid)
+            key = entry_key(space, location.path)
             if key in jobs:
                 continue
             manifest = self._manifest(location)
@@ -1282,6 +1557,7 @@ class Remote:
                     for f in manifest.files
                     if f.digest != EMPTY_DIGEST
                 },
+                dirs_key=dirs_key(space),
                 dirs=[b"/".join(location.path[:depth]) for depth in range(1, len(location.path))],
             )
             fingerprints[key] = fingerprint
@@ -1298,16 +1574,16 @@ class Remote:
             where = self._location_of(ino)
             if where is None:
                 continue
-            parent_parts = self._dir_parts(where[0])
-            if parent_parts is None:
+            parent_path = self._dir_path(where[0])
+            if parent_path is None:
                 continue
             if node.is_file:
-                location = self._entry_location(where[0], (*parent_parts, where[1]))
+                location = self._entry_location(where[0], (*parent_path[0], where[1]))
                 if location is not None:
                     yield location
             elif node.is_dir:
                 # A directory renamed into place: every entry below it.
-                path = (*parent_parts, where[1])
+                path = (*parent_path[0], where[1])
                 for relative, child in self._walk(node.id):
                     if child.is_file:
                         child_where = self._location_of(child.id)
@@ -1316,23 +1592,25 @@ class Remote:
                             if location is not None:
                                 yield location
 
-    def _entry_location(self, parent: int, path: tuple[bytes, ...]) -> _Location | None:
-        """The entry of the file at *path* (in directory *parent*), if it is publishable."""
-        if len(path) < 2 or path[0].decode(errors="replace") not in LAYOUT_ROOTS:
+    def _entry_location(self, parent: int, local: tuple[bytes, ...]) -> _Location | None:
+        """The entry of the file at *local* (in directory *parent*), if it is publishable."""
+        _names, inodes = self.index._path_to(parent)
+        tree = self._tree(local, inodes)
+        if tree is None:
             return None
-        if any(is_temporary(part) for part in path):
+        path = local[tree.prefix :]
+        if len(path) < 2 or any(is_temporary(part) for part in path):
             return None
         rule = entry_rule(list(path))
         if rule.depth is not None:
-            # The entry directory is on the way from the class root to *parent*.
-            _names, inodes = self.index._path_to(parent)
-            if len(inodes) < rule.depth:
+            # The entry directory is on the way from the tree's root to *parent*.
+            if len(inodes) < tree.prefix + rule.depth:
                 return None
-            root = inodes[rule.depth - 1]
-            return _Location(path[: rule.depth], "dir", base=root, root=root)
+            root = inodes[tree.prefix + rule.depth - 1]
+            return _Location(tree, path[: rule.depth], "dir", base=root, root=root)
         if rule.stem is not None:
-            return _Location((*path[:-1], rule.stem), "stem", parent)
-        return _Location(path, "file", parent)
+            return _Location(tree, (*path[:-1], rule.stem), "stem", parent)
+        return _Location(tree, path, "file", parent)
 
     def _manifest(self, location: _Location) -> Manifest | None:
         """The entry as it is in the local index, or None if it is not ready to publish."""
@@ -1388,7 +1666,20 @@ class Remote:
         except ManifestError as exc:
             log.debug("not publishing %r: %s", location.path, exc)
             return None
+        if location.tree.uid is None and not self._public(location.base, manifest):
+            # The cluster-wide namespace serves every user of every node.
+            log.debug("not publishing %r: not readable by every user", location.path)
+            return None
         return manifest
+
+    def _public(self, base: int, manifest: Manifest) -> bool:
+        """Whether every user of this node can read all of the entry in directory *base*."""
+        _names, inodes = self.index._path_to(base)
+        if any(not self.index.get(ino).mode & 0o001 for ino in (self.root, *inodes)):
+            return False
+        return all(f.mode & 0o004 for f in manifest.files) and all(
+            mode & 0o001 for _path, mode in manifest.dirs
+        )
 
     def _file_spec(self, relative: tuple[bytes, ...], node: Inode) -> FileSpec | None:
         """A sealed file as published; None while it is being written (it will be queued)."""

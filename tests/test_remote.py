@@ -11,17 +11,29 @@ The compiler tests (marked ``compilers``) run triton.compile for sm90 and
 torch.compile on CPU in fresh processes; the others drive the mount with
 plain file operations shaped like the compilers' (write under a temporary
 name, rename into place).
+
+The tenancy tests use a redis-server that requires a password and two real
+users (``mtr_a``, ``mtr_b``: useradd in the fixture, userdel afterwards,
+even on failure) who act through ``setpriv``; their private trees are made
+as root the way the daemon makes them.  The bounded-fetch tests write
+hostile or large entries straight into Redis and measure what the daemon
+reads (redis-server's output bytes, a throttling relay) and holds (its
+peak resident memory).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
+import pwd
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +42,13 @@ from typing import Any
 import blake3
 import pytest
 import redis
+import trio
 
 from mithrilfs import remote, stats
 from mithrilfs.errors import UserError
+from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
-from tests.conftest import Mount, wait_for
+from tests.conftest import Mount, run_cli, wait_for
 from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 CLASS = "cuda-sm90"
@@ -68,8 +82,9 @@ def free_cluster_port() -> int:
 class RedisServer:
     """A redis-server on loopback that a test can kill and start again on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
         self.port = free_port() if port is None else port
+        self.password = password
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -79,13 +94,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
 
     def start(self, *options: str) -> None:
         assert self.proc is None
+        config: list[str] = []
+        if self.password:
+            # In a file, not on redis-server's own command line, which every user can read.
+            conf = self.workdir / "redis.conf"
+            conf.touch(mode=0o600)
+            conf.write_text(f"requirepass {self.password}\n")
+            config.append(str(conf))
         self.proc = subprocess.Popen(
             [
                 "redis-server",
+                *config,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -191,11 +214,41 @@ def object_value(client: redis.Redis, digest: str) -> bytes | None:
     return value  # type: ignore[return-value]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
     """As inductor and triton write: a temporary name, then rename into place."""
     temporary = path.parent / f".{os.getpid()}.tmp"
-    temporary.write_bytes(data)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
     temporary.rename(path)
+
+
+SHARED_SPACE = f"mithrilfs:v1:{CLASS}:"
+
+
+def put_object(client: redis.Redis, data: bytes) -> str:
+    digest = blake3.blake3(data).hexdigest()
+    client.set(f"mithrilfs:v1:obj:{digest}", data)
+    return digest
+
+
+def file_doc(path: str, data: bytes, **fields: Any) -> dict[str, Any]:
+    """A manifest's line for a file holding *data*; *fields* override what it says."""
+    line = {"path": path, "mode": 0o644, "size": len(data), "mtime_ns": 1}
+    return {**line, "blake3": blake3.blake3(data).hexdigest(), **fields}
+
+
+def put_manifest(
+    client: redis.Redis,
+    entry: str,
+    files: list[dict[str, Any]],
+    dirs: list[dict[str, Any]] | None = None,
+    space: str = SHARED_SPACE,
+) -> None:
+    """Write a directory entry's manifest into the tier, as a node (or an attacker) would."""
+    doc = {"format": 1, "class": CLASS, "entry": entry, "kind": "dir", "mtime_ns": 1}
+    doc.update(dirs=dirs or [], files=files)
+    client.set(f"{space}entry:{entry}", json.dumps(doc))
 
 
 @pytest.fixture
@@ -230,9 +283,16 @@ def test_remote_url_forms() -> None:
     kept = remote.parse_remote("redis://h:1/0?cluster=0&ssl_cert_reqs=none", 1.5)
     assert (kept.cluster, kept.timeout) == (False, 1.5)
     assert kept.client_url.endswith("?ssl_cert_reqs=none")
-    secret = remote.parse_remote("redis://user:hunter2@h:1/0")
-    assert "hunter2" not in secret.display
-    assert "user" in secret.display
+    acl_user = remote.parse_remote("redis://mithril@h:1/0", password="hunter2")
+    assert "hunter2" not in acl_user.display
+    assert "hunter2" not in repr(acl_user)
+    for secret in (
+        "redis://user:hunter2@h:1/0",
+        "redis://:hunter2@h:1/0",
+        "redis://h/0?password=x",
+    ):
+        with pytest.raises(UserError, match="remote-password-file"):
+            remote.parse_remote(secret)
     for bad in ("http://h:1", "redis://", "redis://h:99999", "redis://h/x", "redis+cluster://h/3"):
         with pytest.raises(UserError):
             remote.parse_remote(bad)
@@ -246,31 +306,30 @@ def test_remote_url_forms() -> None:
 def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
+    shared_file = tmp_path / "group-readable"
+    shared_file.write_text("hunter2\n")
+    shared_file.chmod(0o640)
     for args in (
         ["--remote", "http://h:1"],
         ["--remote-timeout", "1"],
         ["-o", "remote=redis://h:1/0,remote_timeout=never"],
+        ["--remote", "redis://mithril:hunter2@h:1/0"],
+        ["--remote", "redis://h:1/0", "--remote-password-file", str(tmp_path / "missing")],
+        ["--remote", "redis://h:1/0", "--remote-password-file", str(shared_file)],
+        ["-o", f"remote=redis://h:1/0,remote_password_file={shared_file}"],
+        ["--remote-password-file", str(shared_file)],
     ):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mithrilfs",
-                "mount",
-                str(mountpoint),
-                "--store",
-                str(tmp_path / "store"),
-                "--foreground",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        try:
+            proc = run_cli(
+                "mount", mountpoint, "--store", tmp_path / "store", "--foreground", *args
+            )
+        finally:
+            # Should a refusal fail, the mount it made must not outlive the test.
+            subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True, check=False)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert "Traceback" not in proc.stderr
+        assert "hunter2" not in proc.stderr
         assert not os.path.ismount(mountpoint)
 
 
@@ -321,9 +380,42 @@ def test_manifests_describe_only_their_own_entry() -> None:
         ("triton/KEY", json.dumps(two_sizes).encode()),
         ("triton/KEY", json.dumps(empty).encode()),
     ]
+    # Every number in range: SQLite and the kernel take at most 2**63 - 1 ns.
+    for field_name, value in (
+        ("mtime_ns", 1 << 63),
+        ("mtime_ns", -1),
+        ("size", 1 << 40),
+        ("size", 0),  # an empty file whose object is not the empty one
+        ("mode", 0o10000),
+        ("mode", True),
+    ):
+        bad_number = json.loads(doc("triton/KEY", "dir", ["a"]))
+        bad_number["files"][0][field_name] = value
+        hostile.append(("triton/KEY", json.dumps(bad_number).encode()))
+    bad_total = json.loads(doc("triton/KEY", "dir", ["a"]))
+    bad_total["mtime_ns"] = 1 << 63
+    hostile.append(("triton/KEY", json.dumps(bad_total).encode()))
+    latest = json.loads(doc("triton/KEY", "dir", ["a"]))
+    latest["files"][0]["mtime_ns"] = latest["mtime_ns"] = (1 << 63) - 1
+    assert parse("triton/KEY", json.dumps(latest).encode()).mtime_ns == (1 << 63) - 1
     for entry, data in hostile:
         with pytest.raises(remote.ManifestError):
             parse(entry, data)
+
+
+def test_which_tree_a_path_is_in_and_who_owns_it() -> None:
+    assert remote.split_tree((b"triton", b"KEY")) == (0, None)
+    assert remote.split_tree((b"inductor",)) == (0, None)
+    assert remote.split_tree((b"users", b"alice", b"triton", b"KEY")) == (2, b"alice")
+    for outside in ((b"users", b"alice"), (b"users", b"alice", b"other"), (b"other", b"x"), ()):
+        assert remote.split_tree(outside) is None, outside
+    assert remote.namespace(CLASS, None) == f"mithrilfs:v1:{CLASS}:".encode()
+    assert remote.namespace(CLASS, 1234) == f"mithrilfs:v1:{CLASS}:user:1234:".encode()
+    assert remote.names_user(b"root", 0)
+    assert remote.names_user(b"1234", 1234)  # a user with no passwd entry
+    assert not remote.names_user(b"root", 1234)
+    assert not remote.names_user(b"1234", 0)
+    assert not remote.names_user(b"no-such-user-here", 0)
 
 
 def test_backoff_and_negative_cache() -> None:
@@ -367,6 +459,43 @@ def test_publish_queue_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
         assert counters.counters[("remote_errors_total", ())] == 4
         tier.close()
     finally:
+        repo.close()
+
+
+def test_a_bad_manifest_or_a_bug_is_a_remembered_miss(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each costs one error, not one per lookup (calling the tier as `fs.lookup` does)."""
+    client = redis_server.client()
+    small = b"a kernel"
+    put_object(client, small)
+    put_manifest(client, "triton/FUTURE", [file_doc("k.so", small, mtime_ns=1 << 63)])
+    put_manifest(client, "triton/FINE", [file_doc("k.so", small)])
+    repo = Repository.open(tmp_path / "store")
+    counters = stats.Stats(CLASS)
+    tier = None
+    try:
+        class_root = repo.index.ensure_dir(SUPER_ROOT, CLASS.encode(), 0o755, 0, 0)
+        triton = repo.index.ensure_dir(class_root.id, b"triton", 0o755, 0, 0)
+        config = remote.parse_remote(redis_server.url, 5.0)
+        tier = remote.Remote(config, repo.index, repo.content, counters, CLASS, class_root.id)
+
+        def bug(*args: object) -> None:
+            raise RuntimeError("a bug in the tier code")
+
+        async def lookups() -> None:
+            assert tier is not None
+            for _ in range(3):
+                assert await tier.lookup(triton.id, b"FUTURE") is None
+            monkeypatch.setattr(tier, "_consult", bug)
+            for _ in range(3):
+                assert await tier.lookup(triton.id, b"FINE") is None
+
+        trio.run(lookups)
+        assert counters.counters[("remote_errors_total", ())] == 2
+    finally:
+        if tier is not None:
+            tier.close()
         repo.close()
 
 
@@ -559,19 +688,12 @@ def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untype
 def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
     client = redis_server.client()
     data = b"the real kernel"
-    digest = blake3.blake3(data).hexdigest()
-    client.set(f"mithrilfs:v1:obj:{digest}", data)
-
-    def publish(entry: str, files: list[dict[str, Any]]) -> None:
-        doc = {"format": 1, "class": CLASS, "entry": entry, "kind": "dir", "mtime_ns": 1}
-        doc.update(dirs=[], files=files)
-        client.set(f"mithrilfs:v1:{CLASS}:entry:{entry}", json.dumps(doc))
-
-    good = {"path": "k.cubin", "mode": 0o644, "size": len(data), "blake3": digest, "mtime_ns": 1}
-    publish("triton/LIE", [dict(good, size=len(data) + 100)])  # the object is not that size
-    publish("triton/ESCAPE", [dict(good, path="../../inductor/x.so")])
-    publish("triton/GONE", [dict(good, blake3="ab" * 32)])  # no such object in the tier
-    publish("triton/GOOD", [good, dict(good, path="__grp__k.json")])
+    put_object(client, data)
+    good = file_doc("k.cubin", data)
+    put_manifest(client, "triton/LIE", [dict(good, size=len(data) + 100)])  # not that size
+    put_manifest(client, "triton/ESCAPE", [dict(good, path="../../inductor/x.so")])
+    put_manifest(client, "triton/GONE", [dict(good, blake3="ab" * 32)])  # not in the tier
+    put_manifest(client, "triton/GOOD", [good, dict(good, path="__grp__k.json")])
     client.sadd(f"mithrilfs:v1:{CLASS}:dirs", "inductor/fxgraph")
     client.set(f"mithrilfs:v1:{CLASS}:entry:inductor/fxgraph", b"{}")  # a file over a directory
 
@@ -585,6 +707,411 @@ def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, node
     assert seen["remote"]["hits"] == 2, seen
     b.allow_log_errors = False  # warnings only: no traceback
     b.stop()  # the fixture's fsck must find the store clean
+
+
+# -- tenancy: one namespace per tree, fetched nodes owned by the tree ------------------------
+
+SECRET = "tier-secret-" + os.urandom(8).hex()  # per run: a match is never a coincidence
+USERS = ("mtr_a", "mtr_b")
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Iterator[dict[str, pwd.struct_passwd]]:
+    """Two real unprivileged users, removed again even when the test fails."""
+    # pytest's temporary directories are 0700: let the users reach the mountpoints.
+    for directory in (tmp_path, *tmp_path.parents):
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(0o755)
+    try:
+        for name in USERS:
+            subprocess.run(["userdel", name], capture_output=True, check=False)  # a killed run's
+            subprocess.run(
+                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                capture_output=True,
+                check=True,
+            )
+        yield {name: pwd.getpwnam(name) for name in USERS}
+    finally:
+        for name in USERS:
+            subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+def as_user(name: str, *command: str) -> subprocess.CompletedProcess[str]:
+    entry = pwd.getpwnam(name)
+    return subprocess.run(
+        ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
+        + ["--", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def make_private_tree(root: Path, name: str) -> Path:
+    """users/<name>/{triton,inductor} as the daemon makes it: the user's own, 0700."""
+    entry = pwd.getpwnam(name)
+    (root / "users").mkdir(exist_ok=True)
+    tree = root / "users" / name
+    tree.mkdir(exist_ok=True)
+    for directory in (tree, tree / "triton", tree / "inductor"):
+        directory.mkdir(exist_ok=True)
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    tree.chmod(0o700)
+    return tree
+
+
+def owner_and_mode(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_uid, stat.S_IMODE(info.st_mode)
+
+
+def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    server = RedisServer(tmp_path / "redis", password=SECRET)
+    server.start()
+    try:
+        check_tenancy_across_nodes(server, nodes, users, tmp_path, monkeypatch)
+    finally:
+        server.kill()
+
+
+def check_tenancy_across_nodes(
+    server: RedisServer, nodes, users, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    password_file = tmp_path / "tier.password"
+    password_file.touch(mode=0o600)
+    password_file.write_text(SECRET + "\n")
+    common = ("--allow-other", "--log-level", "DEBUG", "--remote", server.url)
+    one = nodes("one-store", *common, "-o", f"remote_password_file={password_file}")
+    root = one.mountpoint
+    for name in USERS:
+        make_private_tree(root, name)
+    # mtr_a's own work, private to mtr_a (umask 077).
+    script = (
+        "umask 077 && cd users/mtr_a && mkdir triton/KEYA inductor/ab && "
+        "printf kernel-a > triton/KEYA/a.so && printf group > triton/KEYA/__grp__a.json && "
+        "printf source-a > inductor/ab/cabc.py"
+    )
+    made = as_user("mtr_a", "sh", "-c", f"cd {root} && {script}")
+    assert made.returncode == 0, made.stderr
+    # The shared tree, written by root: entries every user may read, and two they may not.
+    for key in ("SHARED", "ROOTDIR", "ROOTFILE"):
+        (root / "triton" / key).mkdir(mode=0o700 if key == "ROOTDIR" else 0o755)
+    write_atomic(root / "triton/SHARED/k.so", b"shared kernel", 0o755)
+    write_atomic(root / "triton/ROOTDIR/k.so", b"root only", 0o644)
+    write_atomic(root / "triton/ROOTFILE/k.so", b"root only", 0o600)
+    (root / "inductor/fxgraph/ab/FXKEY").mkdir(parents=True)
+    write_atomic(root / "inductor/fxgraph/ab/FXKEY/entry", b"graph", 0o644)
+    for key in ("SHARED", "ROOTDIR", "ROOTFILE"):
+        write_atomic(root / "triton" / key / "__grp__k.json", b"{}", 0o644)
+    assert_secret_in_no_command_line()
+    one.stop()  # publishes what is queued
+
+    client = server.client()
+    uid_a = users["mtr_a"].pw_uid
+    keys = {key.decode() for key in client.scan_iter(match=f"{SHARED_SPACE}*")}
+    space_a = f"{SHARED_SPACE}user:{uid_a}:"
+    assert keys == {
+        f"{SHARED_SPACE}entry:triton/SHARED",
+        f"{SHARED_SPACE}entry:inductor/fxgraph/ab/FXKEY",
+        f"{SHARED_SPACE}dirs",
+        f"{space_a}entry:triton/KEYA",
+        f"{space_a}entry:inductor/ab/cabc",
+        f"{space_a}dirs",
+    }, "private entries only in their owner's namespace; root-only ones nowhere"
+    assert client.smembers(f"{space_a}dirs") == {b"inductor", b"inductor/ab", b"triton"}
+    published_a = manifest(client, "triton/KEYA", f"{CLASS}:user:{uid_a}")
+    assert {f["path"]: f["mode"] for f in published_a["files"]}["a.so"] == 0o600
+
+    # Node two: the password from the environment this time.
+    monkeypatch.setenv(remote.PASSWORD_ENV, SECRET)
+    two = nodes("two-store", *common)
+    monkeypatch.delenv(remote.PASSWORD_ENV)
+    root = two.mountpoint
+    for name in USERS:
+        make_private_tree(root, name)
+    # mtr_b gets nothing of mtr_a's, in its own tree or in mtr_a's.
+    for path in ("users/mtr_b/triton/KEYA", "users/mtr_b/inductor/ab/cabc.py"):
+        assert as_user("mtr_b", "test", "-e", str(root / path)).returncode == 1, path
+    denied = as_user("mtr_b", "cat", str(root / "users/mtr_a/triton/KEYA/a.so"))
+    assert "Permission denied" in denied.stderr
+    # mtr_a's entries follow mtr_a, owned by mtr_a.
+    fetched = as_user("mtr_a", "cat", str(root / "users/mtr_a/triton/KEYA/a.so"))
+    assert fetched.stdout == "kernel-a", fetched.stderr
+    source = as_user("mtr_a", "cat", str(root / "users/mtr_a/inductor/ab/cabc.py"))
+    assert source.stdout == "source-a", source.stderr
+    assert owner_and_mode(root / "users/mtr_a/triton/KEYA") == (uid_a, 0o755)
+    assert owner_and_mode(root / "users/mtr_a/triton/KEYA/a.so") == (uid_a, 0o600)
+    assert owner_and_mode(root / "users/mtr_a/inductor/ab") == (uid_a, 0o755)
+
+    # The shared tree's entries reach everyone, as root's, whoever looked them up.
+    assert as_user("mtr_b", "cat", str(root / "triton/SHARED/k.so")).stdout == "shared kernel"
+    assert as_user("mtr_b", "ls", str(root / "inductor/fxgraph/ab")).returncode == 0
+    for path in ("triton/SHARED", "triton/SHARED/k.so", "inductor/fxgraph", "inductor/fxgraph/ab"):
+        assert owner_and_mode(root / path) == (0, 0o755), path
+    for attempt in (
+        f"printf evil > {root}/triton/SHARED/k.so",
+        f"printf evil > {root}/triton/SHARED/planted",
+        f"mv {root}/triton/SHARED/k.so {root}/triton/SHARED/moved",
+        f"mkdir {root}/inductor/fxgraph/ab/EVILKEY",
+        f"mkdir {root}/inductor/fxgraph/cd",
+    ):
+        result = as_user("mtr_b", "sh", "-c", attempt)
+        assert result.returncode != 0, attempt
+        assert "Permission denied" in result.stderr, attempt
+    assert (root / "triton/SHARED/k.so").read_bytes() == b"shared kernel"
+    for key in ("ROOTDIR", "ROOTFILE"):
+        assert as_user("mtr_b", "test", "-e", str(root / "triton" / key)).returncode == 1
+
+    # Modes from a manifest lose group and other write, setuid and setgid.
+    planted = b"#!/bin/sh\necho planted\n"
+    put_object(client, planted)
+    put_manifest(
+        client,
+        "triton/MODES",
+        [file_doc("sub/run", planted, mode=0o6777), file_doc("__grp__m.json", b"", mode=0o666)],
+        dirs=[{"path": "sub", "mode": 0o777}],
+    )
+    assert as_user("mtr_b", "cat", str(root / "triton/MODES/sub/run")).stdout.endswith("planted\n")
+    assert owner_and_mode(root / "triton/MODES/sub/run") == (0, 0o755)
+    assert owner_and_mode(root / "triton/MODES/sub") == (0, 0o755)
+    assert owner_and_mode(root / "triton/MODES/__grp__m.json") == (0, 0o644)
+
+    # The password is in no command line, no log and no stats.
+    assert_secret_in_no_command_line()
+    wait_for_stats(two, lambda s: s["remote"]["hits"] >= 5, "the hits to be saved")
+    stats_out = run_cli("stats", root, "--json")
+    assert stats_out.returncode == 0, stats_out.stderr
+    assert SECRET not in stats_out.stdout
+    two.stop()
+    assert "shared tier" in two.log_text()
+    assert SECRET not in two.log_text()  # both nodes log to the same file, at DEBUG
+
+
+def test_a_daemonized_mount_keeps_the_password_out_of_sight(
+    make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The daemon forks from the command that parsed the options: check that path too."""
+    server = RedisServer(tmp_path / "redis", password=SECRET)
+    server.start()
+    try:
+        mount: Mount = make_mount(name="daemon", start=False)  # the fixture cleans up and checks
+        monkeypatch.setenv(remote.PASSWORD_ENV, SECRET)
+        started = run_cli(
+            "mount",
+            mount.mountpoint,
+            "--store",
+            mount.store,
+            "--device-class",
+            CLASS,
+            "--remote",
+            server.url,
+            "--log-level",
+            "DEBUG",
+            "--log-file",
+            mount.log,
+        )
+        monkeypatch.delenv(remote.PASSWORD_ENV)
+        assert started.returncode == 0, started.stderr
+        (mount / "triton/KEY").mkdir()
+        write_atomic(mount / "triton/KEY/k.so", b"kernel")
+        write_atomic(mount / "triton/KEY/__grp__k.json", b"{}")
+        assert_secret_in_no_command_line()
+        stopped = run_cli("umount", mount.mountpoint)
+        assert stopped.returncode == 0, stopped.stderr
+        assert server.client().get(f"{SHARED_SPACE}entry:triton/KEY") is not None  # authenticated
+        assert "shared tier" in mount.log_text()
+        assert SECRET not in mount.log_text()
+    finally:
+        server.kill()
+
+
+def assert_secret_in_no_command_line() -> None:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert SECRET.encode() not in cmdline.read_bytes(), cmdline
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a process that ended meanwhile
+
+
+# -- bounded fetches: hostile sizes and numbers, memory, abandoned fetches -------------------
+
+
+def sent_by(client: redis.Redis) -> int:
+    """Bytes the redis-server has written to all its clients so far."""
+    return int(client.info("stats")["total_net_output_bytes"])
+
+
+def test_hostile_sizes_and_numbers_are_refused_unread(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    large = os.urandom(32 * MIB)
+    put_object(client, large)
+    put_manifest(client, "triton/SMALLER", [file_doc("k.so", large, size=10)])
+    small = b"a small kernel"
+    put_object(client, small)
+    put_manifest(client, "triton/FUTURE", [file_doc("k.so", small, mtime_ns=1 << 63)])
+    put_manifest(client, "triton/HUGE", [file_doc("k.so", small, size=1 << 40)])
+    client.set(f"{SHARED_SPACE}entry:triton/LONG", b" " * (32 * MIB))  # not a manifest
+
+    b = nodes("b-store", "--remote", redis_server.url, "--remote-timeout", "5")
+    root = b.mountpoint
+    assert (root / "triton").is_dir()  # the connection is made: later bytes are the lookups'
+    before = sent_by(client)
+    # The object is larger than the manifest says: refused before its body is read.
+    assert not (root / "triton/SMALLER").exists()
+    assert sent_by(client) - before < MIB
+    # A manifest is read only up to the longest one there can be.
+    before = sent_by(client)
+    assert not (root / "triton/LONG").exists()
+    assert sent_by(client) - before < remote.MAX_MANIFEST_BYTES + MIB
+    # Numbers out of range are a miss, remembered, with no traceback.
+    for name in ("FUTURE", "HUGE"):
+        assert not (root / "triton" / name).exists(), name
+    seen = wait_for_stats(b, lambda s: s["remote"]["errors"] >= 4, "the refusals")
+    assert seen["remote"]["hits"] == 0, seen
+    assert seen["remote"]["errors"] == 4, seen
+    assert seen["integrity_failures"] == 1, seen  # the object is not what its name says
+    b.stop()
+    assert "Traceback" not in b.log_text()
+    assert b.log_text().count("ignored the shared tier's entry") == 3
+
+
+def peak_memory(pid: int) -> int:
+    """The daemon's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_concurrent_large_fetches_hold_bounded_memory(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    blobs = {f"triton/LARGE{i}": os.urandom(48 * MIB) for i in range(4)}
+    for entry, blob in blobs.items():
+        put_object(client, blob)
+        put_manifest(client, entry, [file_doc("k.so", blob)])
+    b = nodes("b-store", "--remote", redis_server.url, "--remote-timeout", "30")
+    assert b.proc is not None
+    assert not (b / "triton/ABSENT").exists()  # client and connection in place
+    before = peak_memory(b.proc.pid)
+    with concurrent.futures.ThreadPoolExecutor(len(blobs)) as pool:
+        found = list(pool.map(lambda entry: (b / entry / "k.so").is_file(), blobs))
+    grown = peak_memory(b.proc.pid) - before
+    assert all(found), found
+    # 192 MiB arrived at once; the daemon holds at most its in-flight budget (16 MiB) of it,
+    # plus the client's buffers (28 MiB measured), where it used to hold them all (148 MiB).
+    assert grown < 64 * MIB, f"peak memory grew by {grown / MIB:.0f} MiB"
+    for entry, blob in blobs.items():
+        assert (b / entry / "k.so").read_bytes() == blob, entry
+    assert not list((b.store / "staging").iterdir())
+
+
+def test_concurrent_fetches_share_one_byte_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    client = redis_server.client()
+    blobs = {
+        bytes.fromhex(put_object(client, blob)): blob
+        for blob in (os.urandom(3 * MIB + i) for i in range(6))
+    }
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    tier = remote.RedisTier(remote.parse_remote(redis_server.url), staging)
+    tier.window = MIB
+    tier.budget = remote.ByteBudget(2 * MIB)
+    staged = {digest: remote.StagedObjects() for digest in blobs}
+    threads = [
+        threading.Thread(target=tier.fetch, args=({digest: len(blobs[digest])}, staged[digest]))
+        for digest in blobs
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    assert 0 < tier.budget.peak <= 2 * MIB
+    assert tier.budget.used == 0
+    for digest, blob in blobs.items():
+        assert staged[digest].paths[digest].read_bytes() == blob
+    # A fetch abandoned before its first round trip reads no body and leaves nothing.
+    gave_up = remote.StagedObjects()
+    gave_up.abandoned = True
+    first = next(iter(blobs))
+    tier.fetch({first: len(blobs[first])}, gave_up)
+    assert (gave_up.fetched_bytes, gave_up.paths) == (0, {})
+    assert len(list(staging.iterdir())) == len(blobs)
+    tier.close()
+
+
+class ThrottledProxy:
+    """A TCP relay to a redis-server that passes its answers on at *rate* bytes/s.
+
+    It stands for a slow network, so that a lookup's budget runs out in the
+    middle of a fetch; `relayed` counts the answer bytes passed on.
+    """
+
+    def __init__(self, upstream: int, rate: int) -> None:
+        self.upstream = upstream
+        self.rate = rate
+        self.relayed = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _address = self.listener.accept()
+            except OSError:
+                return  # closed
+            far = socket.create_connection(("127.0.0.1", self.upstream))
+            self._sockets += [near, far]
+            threading.Thread(target=self._pump, args=(near, far, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(far, near, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, paced: bool) -> None:
+        try:
+            while data := source.recv(64 * 1024):
+                sink.sendall(data)
+                if paced:
+                    self.relayed += len(data)
+                    self._closed.wait(len(data) / self.rate)  # the pace of a slow link
+        except OSError:
+            pass  # either side closed
+
+    def close(self) -> None:
+        self._closed.set()
+        self.listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+    client = redis_server.client()
+    blob = os.urandom(64 * MIB)
+    put_object(client, blob)
+    put_manifest(client, "triton/SLOW", [file_doc("k.so", blob)])
+    proxy = ThrottledProxy(redis_server.port, rate=4 * MIB)
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        b = nodes("b-store", "--remote", url, "--remote-timeout", "0.3")
+        # The budget (0.3 s, plus 1.3 s for 64 MiB) runs out 14 s before the bytes would.
+        assert not (b / "triton/SLOW").exists()
+        wait_for(
+            lambda: "stopped an abandoned fetch" in b.log_text() or proxy.relayed >= len(blob),
+            120,
+            "the abandoned fetch to stop, or to read everything",
+        )
+        assert "stopped an abandoned fetch" in b.log_text()
+        assert proxy.relayed < len(blob) // 2, proxy.relayed
+        assert not list((b.store / "staging").iterdir())
+        b.stop()
+    finally:
+        proxy.close()
 
 
 # -- compilers across two nodes ---------------------------------------------------------------
