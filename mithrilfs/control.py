@@ -27,7 +27,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,7 +55,7 @@ from mithrilfs.eviction import (
 from mithrilfs.index import EvictedEntry, Index
 from mithrilfs.mounts import FSTYPE, mount_table
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
-from mithrilfs.stats import GAUGES, SAVED_AT_GAUGE, Stats
+from mithrilfs.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -360,10 +360,19 @@ def _record_offline(index: Index, tallies: dict[tuple[str, str], list[int]]) -> 
 class AdminService:
     """The daemon's answers on its admin socket (`adminsock.serve` calls `handle`)."""
 
-    def __init__(self, evictor: Evictor, class_root: int, authorize: Authorize) -> None:
+    def __init__(
+        self,
+        evictor: Evictor,
+        class_root: int,
+        authorize: Authorize,
+        current: Callable[[], stats.Snapshot],
+    ) -> None:
         self.evictor = evictor
         self.class_root = class_root
         self.authorize = authorize
+        # The daemon's counters as of this request (the saved rows lag by up
+        # to a housekeeping round).
+        self.current = current
 
     async def handle(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any]:
         scope = self.authorize(peer.uid, peer.gid, peer.pid)
@@ -380,11 +389,7 @@ class AdminService:
         raise RequestError(f"unknown op '{op}' (known: {', '.join(OPS)})")
 
     def stats(self, scope: Scope) -> dict[str, Any]:
-        index = self.evictor.index
-        saved = stats.snapshot_of(
-            index.load_counters(),
-            [(name, index.get_meta(f"gauge.{name}")) for name in (*GAUGES, SAVED_AT_GAUGE)],
-        )
+        saved = self.current()
         if scope.tree is not None:
             usage = self._usage_of(scope)
             saved = stats.of_tree(

@@ -33,7 +33,7 @@ from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import Remote, RemoteConfig
 from mithrilfs.repository import Repository
-from mithrilfs.stats import Stats
+from mithrilfs.stats import Snapshot, Stats
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,12 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             serve_metrics(config.metrics_listen, collector)
         # Bound before mounting: a command may ask as soon as the mount is ready.
         admin_socket = adminsock.Listening(adminsock.socket_path(config.mountpoint, os.geteuid()))
-        admin = control.AdminService(ops.evictor, root, access.default_authorize(os.geteuid()))
+        admin = control.AdminService(
+            ops.evictor,
+            root,
+            access.default_authorize(os.geteuid()),
+            current=lambda: _save_stats(ops, collector),
+        )
         repo.mark_in_use()
         try:
             pyfuse3.init(ops, os.fspath(config.mountpoint), fuse_options(config))
@@ -246,7 +251,7 @@ async def _supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
             await trio.sleep(1.0)
 
 
-def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
+def _save_stats(ops: Operations, collector: SnapshotCollector) -> Snapshot:
     index, stats = ops.index, ops.stats
     stats.mark_saved()
     stats.set_gauge("logical_bytes", index.logical_bytes)
@@ -258,6 +263,7 @@ def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
         stats.set_gauge("remote_publish_backlog", ops.remote.backlog)
     index.save_counters(stats.rows(), stats.gauges)
     collector.snapshot = stats.snapshot()
+    return collector.snapshot
 
 
 def _default_cap(store: Path) -> int:
