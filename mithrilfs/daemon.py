@@ -243,7 +243,7 @@ def _save_stats(ops: Operations, collector: SnapshotCollector) -> None:
     index, stats = ops.index, ops.stats
     stats.mark_saved()
     stats.set_gauge("logical_bytes", index.logical_bytes)
-    stats.set_gauge("store_bytes", ops.evictor.usage())
+    stats.set_gauge("store_bytes", ops.evictor.footprint())
     stats.set_gauge("object_bytes", index.stored_bytes)
     stats.set_gauge("objects", index.object_count)
     stats.set_gauge("entries", index.entry_count())

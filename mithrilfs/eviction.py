@@ -230,18 +230,30 @@ class Evictor:
 
     # -- accounting ---------------------------------------------------------
 
+    def footprint(self) -> int:
+        """Bytes the store takes on disk now, as `du` counts them: the blocks
+        of the objects (after dedup) and of the files being written, the
+        shard directories, the index and its WAL."""
+        return self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes()
+
     def usage(self) -> int:
-        """Bytes the store takes on disk, as `du` counts them: the blocks of the
-        objects (after dedup) and of the files being written, the shard
-        directories, the index and its WAL."""
-        return self.index.allocated_bytes + self.content.overhead_bytes() + self._staged_bytes()
+        """What counts against the cap: the footprint, with the WAL counted at
+        the size it may reach between checkpoints.  The WAL grows with every
+        commit, evictions' own included, and shrinks at checkpoints; reserving
+        its room keeps `du` under the cap whatever its size, and keeps
+        eviction from chasing it."""
+        floors = {self.index.wal_name: self.index.wal_limit}
+        return (
+            self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes(floors)
+        )
 
     def pressure(self) -> int:
         """What must fit under the cap: usage less the largest file being written."""
         return self.usage() - self._largest_staged()
 
     def room(self) -> int:
-        return max(0, self.cap - self.usage())
+        """Free space under the cap as `df` shows it: against the footprint, as `du` sees it."""
+        return max(0, self.cap - self.footprint())
 
     def low_watermark(self) -> int:
         return int(self.cap * LOW_WATERMARK)

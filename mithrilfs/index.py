@@ -160,6 +160,10 @@ class Index:
         # Objects take whole blocks of the backing filesystem; the cap counts
         # what they take (allocated_bytes), not what they hold.
         self.block_size = block_size
+        # The WAL's file name beside the database and the size it may reach
+        # between checkpoints (limit_wal): the cap reserves that much for it.
+        self.wal_name = ""
+        self.wal_limit = WAL_MAX
         # Running totals, computed once at open and kept current by every
         # change, so that the cap check and the gauges cost nothing.
         self.stored_bytes = 0
@@ -215,6 +219,8 @@ class Index:
                 3,
             ) from None
         index = cls(db, block_size)
+        index.wal_name = path.name + "-wal"
+        index.limit_wal(None)
         index._ensure_super_root()
         index._migrate_recency_to_ns()
         index._load_totals()
@@ -280,16 +286,18 @@ class Index:
             pass  # read-only or full: the next open recounts
         self.db.close()
 
-    def limit_wal(self, cap: int) -> None:
+    def limit_wal(self, cap: int | None) -> None:
         """Keep the WAL small next to a store's *cap*, which it counts against.
 
         It is checkpointed when it reaches a sixteenth of the cap (within
-        WAL_MIN..WAL_MAX, SQLite's own default being 4 MiB) and cut back to
-        that size afterwards, so that a burst of writes does not leave it big.
+        WAL_MIN..WAL_MAX; WAL_MAX, SQLite's own default, without a cap) and
+        cut back to that size afterwards, so that a burst of writes does not
+        leave it big.  `wal_limit` is what it may take between checkpoints.
         """
-        limit = max(WAL_MIN, min(WAL_MAX, cap // 16))
+        limit = WAL_MAX if cap is None else max(WAL_MIN, min(WAL_MAX, cap // 16))
         self.db.execute(f"PRAGMA wal_autocheckpoint={max(1, limit // 4096)}")
         self.db.execute(f"PRAGMA journal_size_limit={limit}")
+        self.wal_limit = limit
 
     def make_durable(self) -> None:
         """Make every commit so far survive a power loss (fsync(2) on a file).

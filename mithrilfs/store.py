@@ -21,7 +21,7 @@ import contextlib
 import errno
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import blake3
@@ -70,6 +70,7 @@ class ContentStore:
         self.block = DEFAULT_BLOCK
         self.dir_bytes = DEFAULT_BLOCK
         self.shard_dirs = 0  # directories below objects/, kept current by publish and delete
+        self._top_level_bytes = {False: 0, True: 0}  # the last figures, without and with floors
 
     def create_dirs(self) -> None:
         for path in (self.root, self.objects_dir, self.staging_dir):
@@ -110,16 +111,25 @@ class ContentStore:
         """What a file of *size* bytes takes on disk: whole blocks."""
         return -(-size // self.block) * self.block
 
-    def overhead_bytes(self) -> int:
+    def overhead_bytes(self, floors: Mapping[str, int] | None = None) -> int:
         """Everything in the store that is not an object or a staging file: the
         index and its WAL, the lock, the directories (stat of the top level,
-        plus the shard directories counted in memory)."""
-        total = self.shard_dirs * self.dir_bytes
-        with os.scandir(self.root) as listing:
-            for item in listing:
-                with contextlib.suppress(FileNotFoundError):
-                    total += item.stat(follow_symlinks=False).st_blocks * 512
-        return total
+        plus the shard directories counted in memory).  A top-level file
+        named in *floors* counts as at least that many bytes."""
+        floors = floors or {}
+        try:
+            top = 0
+            unseen = dict(floors)  # a floor counts even while its file is absent
+            with os.scandir(self.root) as listing:
+                for item in listing:
+                    with contextlib.suppress(FileNotFoundError):
+                        taken = item.stat(follow_symlinks=False).st_blocks * 512
+                        top += max(taken, unseen.pop(item.name, 0))
+            top += sum(unseen.values())
+            self._top_level_bytes[bool(floors)] = top
+        except OSError:
+            pass  # unreadable for a moment: the last figure is the best guess
+        return self.shard_dirs * self.dir_bytes + self._top_level_bytes[bool(floors)]
 
     def object_path(self, digest: bytes) -> Path:
         hexname = digest.hex()
