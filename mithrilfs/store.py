@@ -21,6 +21,7 @@ import contextlib
 import errno
 import itertools
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def block_size(path: Path) -> int:
 
 
 DEFAULT_BLOCK = 4096
+# How long a listing of the store's top level (index, WAL, lock) stays good.
+TOP_LEVEL_TTL = 0.1
 
 
 class ContentStore:
@@ -70,7 +73,11 @@ class ContentStore:
         self.block = DEFAULT_BLOCK
         self.dir_bytes = DEFAULT_BLOCK
         self.shard_dirs = 0  # directories below objects/, kept current by publish and delete
-        self._top_level_bytes = {False: 0, True: 0}  # the last figures, without and with floors
+        # The last figures of the top level, without and with floors, and when
+        # they were taken: the cap is checked at every write, and the index
+        # grows slowly next to a WAL whose room is reserved anyway.
+        self._top_level_bytes = {False: 0, True: 0}
+        self._scanned_at = {False: -TOP_LEVEL_TTL, True: -TOP_LEVEL_TTL}
 
     def create_dirs(self) -> None:
         for path in (self.root, self.objects_dir, self.staging_dir):
@@ -117,6 +124,9 @@ class ContentStore:
         plus the shard directories counted in memory).  A top-level file
         named in *floors* counts as at least that many bytes."""
         floors = floors or {}
+        now = time.monotonic()
+        if now - self._scanned_at[bool(floors)] < TOP_LEVEL_TTL:
+            return self.shard_dirs * self.dir_bytes + self._top_level_bytes[bool(floors)]
         try:
             top = 0
             unseen = dict(floors)  # a floor counts even while its file is absent
@@ -127,6 +137,7 @@ class ContentStore:
                         top += max(taken, unseen.pop(item.name, 0))
             top += sum(unseen.values())
             self._top_level_bytes[bool(floors)] = top
+            self._scanned_at[bool(floors)] = now
         except OSError:
             pass  # unreadable for a moment: the last figure is the best guess
         return self.shard_dirs * self.dir_bytes + self._top_level_bytes[bool(floors)]

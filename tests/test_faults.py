@@ -147,10 +147,14 @@ def test_a_seal_that_hits_a_full_disk_at_close_releases_everything(
         assert path.stat().st_size == 0  # its last sealed content: the empty file
     finally:
         set_inode_limit(tiny_disk, 4096)
+    ino = path.stat().st_ino
     result = run_cli("evict", "--store", mount.store, "--path", "triton/victim", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["entries"] == 1, result.stdout
     wait_for(lambda: not path.exists(), DEADLINE, "the evicted name to vanish")
+    # No handle holds the inode any more: once the kernel forgets it, it goes.
+    drop_kernel_caches()
+    wait_for(lambda: inode_rows(mount.store, ino) == 0, DEADLINE, "the evicted inode to be freed")
     # With room again, the same file seals.
     path.write_bytes(data)
     assert path.read_bytes() == data
