@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import stat
 import subprocess
 from pathlib import Path
 
 import blake3
 import pytest
 
+from mithrilfs.index import SUPER_ROOT, Index
 from mithrilfs.store import ContentStore
 from tests.conftest import run_cli, wait_for
 from tests.test_eviction import UsageMonitor
@@ -135,3 +138,31 @@ def test_empty_shard_directories_of_an_older_store_are_removed_on_open(tmp_path:
     assert content.scan() == 2  # ab/ef and ab; cd/ef still holds a file
     assert content.shard_dirs == 2
     assert sorted(p.name for p in content.objects_dir.iterdir()) == ["cd"]
+
+
+def test_totals_saved_by_an_older_version_or_for_other_blocks_are_recounted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mithril.db"
+    index = Index.open(path, block_size=4096)
+    with index.transaction():
+        for i, size in enumerate((1, 4096, 5000)):
+            node = index.make_node(SUPER_ROOT, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0)
+            index.set_content(node.id, bytes([i + 1]) * 32, size, 0)
+    assert index.allocated_bytes == 4096 + 4096 + 8192
+    index.close()
+
+    # Totals in the format of before allocated_bytes: recounted, not trusted.
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='9101,3,9101' WHERE key='totals'")
+    db.commit()
+    db.close()
+    index = Index.open(path, block_size=4096)
+    assert index.allocated_bytes == 16384
+    index.close()  # saves them in the current format
+
+    # Saved on a filesystem with 4 KiB blocks, opened where blocks are 64 KiB.
+    reopened = Index.open(path, block_size=65536)
+    assert reopened.allocated_bytes == 3 * 65536
+    assert reopened.stored_bytes == 1 + 4096 + 5000
+    reopened.close()
