@@ -148,12 +148,21 @@ class ContentStore:
 
     def _make_shard_dirs(self, target: Path) -> None:
         # mkdir(parents=True) would give the first level the umask's mode.
-        for directory in (target.parent.parent, target.parent):
-            try:
-                directory.mkdir(mode=0o700)
-            except FileExistsError:
-                continue
-            self.shard_dirs += 1
+        made: list[Path] = []
+        try:
+            for directory in (target.parent.parent, target.parent):
+                try:
+                    directory.mkdir(mode=0o700)
+                except FileExistsError:
+                    continue
+                made.append(directory)
+                self.shard_dirs += 1
+        except OSError:
+            # A full disk: leave no empty directory behind.
+            for directory in made:
+                if _remove_if_empty(directory):
+                    self.shard_dirs -= 1
+            raise
 
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()

@@ -144,6 +144,8 @@ def test_a_seal_that_hits_a_full_disk_at_close_releases_everything(
             "the staging file of the failed seal to go",
         )
         assert used_by_statfs(mount.mountpoint) < baseline + len(data) // 2
+        shards = [d for d in (mount.store / "objects").rglob("*") if d.is_dir()]
+        assert all(any(d.iterdir()) for d in shards), "an empty shard directory was left"
         assert path.stat().st_size == 0  # its last sealed content: the empty file
     finally:
         set_inode_limit(tiny_disk, 4096)
