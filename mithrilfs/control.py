@@ -323,6 +323,8 @@ def run_offline(store: Path, request: Request) -> Outcome:
             tally[1] += removed.bytes_freed
 
         cap = int(saved_cap) if isinstance(saved_cap, int | str) and saved_cap else 0
+        if cap:
+            index.limit_wal(cap)  # the WAL's room, as the daemon reserves it
         evictor = Evictor(index, repo.content, cap, on_removed=count)
         outcome = _run_sync(execute(request, evictor))
         if tallies:

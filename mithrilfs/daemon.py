@@ -126,6 +126,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         repo.recover()
         root = _prepare_tree(repo, config)
         cap = config.cap if config.cap is not None else _default_cap(config.store)
+        repo.index.limit_wal(cap)
         stats = Stats(config.device_class)
         stats.load_rows(iter(repo.index.load_counters()))
         remote = None
@@ -220,10 +221,13 @@ async def _serve_until_stopped(
 
 
 async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
-    """Batched work kept off the request path: recency, expiry, counters."""
+    """Batched work kept off the request path: recency, expiry, counters, and
+    freeing the unlinked inodes whose free failed (a busy or full index)."""
     last_expiry = 0.0
     while True:
         await trio.sleep(HOUSEKEEPING_SECONDS)
+        if ops.unfreed and not ops.retry_frees():
+            log.info("freed the inodes whose earlier free had failed")
         try:
             ops.evictor.recency.flush(ops.index)
             if (
@@ -255,7 +259,8 @@ def _save_stats(ops: Operations, collector: SnapshotCollector) -> Snapshot:
     index, stats = ops.index, ops.stats
     stats.mark_saved()
     stats.set_gauge("logical_bytes", index.logical_bytes)
-    stats.set_gauge("store_bytes", ops.evictor.usage())
+    stats.set_gauge("store_bytes", ops.evictor.footprint())
+    stats.set_gauge("object_bytes", index.stored_bytes)
     stats.set_gauge("objects", index.object_count)
     stats.set_gauge("entries", index.entry_count())
     stats.set_gauge("cap_bytes", ops.evictor.cap)

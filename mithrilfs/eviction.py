@@ -6,8 +6,10 @@ an entry read a moment ago always ranks after one created before that
 moment, and it is kept in memory on the request path and written to the
 index in batches, never one SQLite write per read.
 
-What counts against the cap is *pressure*: stored objects (after dedup) plus
-the files being written, less the largest file being written.  That one file
+What counts against the cap is *pressure*: what the store takes on disk, as
+`du` counts it (whole blocks of the stored objects after dedup and of the
+files being written, the shard directories, the index and its WAL), less
+the largest file being written.  That one file
 is not known to fit until it is complete: a file that ends in EFBIG must not
 have emptied the cache on its way there, so the store may hold at most one
 file's worth beyond the cap, and every other byte counts at once.
@@ -228,16 +230,30 @@ class Evictor:
 
     # -- accounting ---------------------------------------------------------
 
+    def footprint(self) -> int:
+        """Bytes the store takes on disk now, as `du` counts them: the blocks
+        of the objects (after dedup) and of the files being written, the
+        shard directories, the index and its WAL."""
+        return self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes()
+
     def usage(self) -> int:
-        """Bytes the store takes: objects after dedup, plus files being written."""
-        return self.index.stored_bytes + self._staged_bytes()
+        """What counts against the cap: the footprint, with the WAL counted at
+        the size it may reach between checkpoints.  The WAL grows with every
+        commit, evictions' own included, and shrinks at checkpoints; reserving
+        its room keeps `du` under the cap whatever its size, and keeps
+        eviction from chasing it."""
+        floors = {self.index.wal_name: self.index.wal_limit}
+        return (
+            self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes(floors)
+        )
 
     def pressure(self) -> int:
         """What must fit under the cap: usage less the largest file being written."""
         return self.usage() - self._largest_staged()
 
     def room(self) -> int:
-        return max(0, self.cap - self.usage())
+        """Free space under the cap as `df` shows it: against the footprint, as `du` sees it."""
+        return max(0, self.cap - self.footprint())
 
     def low_watermark(self) -> int:
         return int(self.cap * LOW_WATERMARK)

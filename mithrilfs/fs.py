@@ -139,6 +139,8 @@ class Operations(pyfuse3.Operations):
         self.dir_handles = 0
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
+        # Unlinked inodes nobody holds whose free failed; retried by housekeeping.
+        self.unfreed: set[int] = set()
         # The shared tier, consulted on a local miss; with it, a name the
         # kernel was told is missing may appear without passing through the
         # kernel, so negative lookups are cached only briefly.
@@ -233,6 +235,8 @@ class Operations(pyfuse3.Operations):
             if self.files.is_being_written(ino):
                 continue
             if not await self.files.object_intact(digest):
+                if (ino, digest) not in self.index.entry_objects(entry_id):
+                    return False  # evicted while it was checked: gone, not corrupt
                 self._drop_corrupt(digest, ino)
                 return False
         self.verified_entries.add(entry_id)
@@ -274,12 +278,30 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EROFS)
 
     def _maybe_free(self, ino: int) -> None:
-        """Delete an unlinked inode once neither the kernel nor a handle holds it."""
+        """Delete an unlinked inode once neither the kernel nor a handle holds it.
+
+        A failure (the index locked or full) is logged and the inode kept in
+        `unfreed` for `retry_frees`: a request whose own work is done must not
+        fail for it, and `forget` must never fail at all.
+        """
         if ino in self.lookups or self.files.is_open(ino):
+            self.unfreed.discard(ino)  # held again: freed by whoever lets go last
             return
-        unused = self.index.free_inode(ino)
+        try:
+            unused = self.index.free_inode(ino)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("freeing inode %d failed, will retry: %s", ino, exc)
+            self.unfreed.add(ino)
+            return
+        self.unfreed.discard(ino)
         if unused is not None:
             self.store.delete(unused)
+
+    def retry_frees(self) -> int:
+        """Free the inodes whose free failed before (housekeeping); returns how many are left."""
+        for ino in list(self.unfreed):
+            self._maybe_free(ino)
+        return len(self.unfreed)
 
     def forget_all(self) -> None:
         """At unmount the kernel forgets everything at once."""
@@ -306,22 +328,35 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.ENAMETOOLONG)
         layout = self._layout_below(parent, name)
         node = self.index.lookup(parent, name)
-        if node is None and self.remote is not None:
-            node = await self.remote.lookup(parent, name)
+        if (
+            node is None
+            and self.remote is not None
+            and await self.remote.lookup(parent, name) is not None
+        ):
+            node = self.index.lookup(parent, name)  # what is there after the await
+        # Verification awaits (large entries hash in a thread), and eviction
+        # may remove the entry meanwhile: answer from what is there after
+        # each await, never from what was there before it.
+        while node is not None and node.entry is not None:
+            if node.entry in self.verified_entries:
+                break
+            intact = await self._entry_intact(node.entry)
+            node = self.index.lookup(parent, name)
+            if not intact and node is not None:
+                self.stats.inc("lookups_total", result="miss", layout=layout)
+                raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss
         if node is None:
             self.stats.inc("lookups_total", result="miss", layout=layout)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = pyfuse3.InodeT(0)
             negative.entry_timeout = self.negative_timeout
             return negative
-        if node.entry is not None and not await self._entry_intact(node.entry):
-            self.stats.inc("lookups_total", result="miss", layout=layout)
-            raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss
         self.stats.inc("lookups_total", result="hit", layout=layout)
         return self._remember(node, layout)
 
-    @guarded
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        # Not guarded: pyfuse3 gives forget no reply to carry an error, and
+        # anything raised here would end its main loop, so nothing may be.
         for fuse_ino, count in inode_list:
             ino = self._ino(fuse_ino)
             remaining = self.lookups.get(ino, 0) - count
@@ -330,7 +365,11 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self.layouts.pop(ino, None)
-            self._maybe_free(ino)
+            try:
+                self._maybe_free(ino)
+            except Exception:
+                log.exception("forget of inode %d failed; freeing it later", ino)
+                self.unfreed.add(ino)
 
     @guarded
     async def getattr(
@@ -561,18 +600,23 @@ class Operations(pyfuse3.Operations):
             assert node.object is not None
             self._drop_corrupt(node.object, ino)  # its object file is gone
             raise FsError(errno.ENOENT) from None
-        corrupt = await self.files.verify(fh)
-        if corrupt is not None:
-            await self.files.release(fh)
-            self._drop_corrupt(corrupt, ino)
-            raise FsError(errno.ENOENT)  # now a miss: the compiler rebuilds the entry
+        try:
+            corrupt = await self.files.verify(fh)
+            if corrupt is not None:
+                self._drop_corrupt(corrupt, ino)
+                raise FsError(errno.ENOENT)  # now a miss: the compiler rebuilds the entry
+            if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
+                # Linux truncates even on a read-only open, and the kernel has
+                # already set its cached size to 0; no writer will seal this one.
+                await self.files.truncate(ino, 0, fh)
+        except BaseException:
+            # The caller gets no handle, so none may stay open here.
+            self.files.abandon(fh)
+            self._maybe_free(ino)
+            raise
         self.stats.inc("opens_total", layout=self.layouts.get(ino, OTHER_LAYOUT))
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
-            # Linux truncates even on a read-only open, and the kernel has
-            # already set its cached size to 0; no writer will seal this one.
-            await self.files.truncate(ino, 0, fh)
         # Content is immutable once sealed and every change passes through
         # the kernel's own page cache, so cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
@@ -601,9 +645,11 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        ino = await self.files.release(fh)
-        if ino is not None:
-            self._maybe_free(ino)
+        ino = self.files.inode_of(fh)
+        try:
+            await self.files.release(fh)
+        finally:
+            self._maybe_free(ino)  # also after a failed seal: the handle is gone
 
     # -- the filesystem ---------------------------------------------------------
 

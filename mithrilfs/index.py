@@ -24,10 +24,15 @@ from pathlib import Path
 
 from mithrilfs.errors import FsError, UserError, not_found
 from mithrilfs.layouts import entry_rule
-from mithrilfs.store import EMPTY_DIGEST
+from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
 SCHEMA_VERSION = 1
 SUPER_ROOT = 1
+# How long a statement waits for another process's write lock (fsck, import).
+BUSY_TIMEOUT = 10.0
+# The WAL's bounds: see limit_wal.
+WAL_MIN = 64 << 10
+WAL_MAX = 4 << 20
 NAME_MAX = 255
 DIR_SIZE = 4096
 
@@ -150,11 +155,19 @@ class EvictedEntry:
 
 
 class Index:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, block_size: int = DEFAULT_BLOCK) -> None:
         self.db = db
+        # Objects take whole blocks of the backing filesystem; the cap counts
+        # what they take (allocated_bytes), not what they hold.
+        self.block_size = block_size
+        # The WAL's file name beside the database and the size it may reach
+        # between checkpoints (limit_wal): the cap reserves that much for it.
+        self.wal_name = ""
+        self.wal_limit = WAL_MAX
         # Running totals, computed once at open and kept current by every
         # change, so that the cap check and the gauges cost nothing.
         self.stored_bytes = 0
+        self.allocated_bytes = 0
         self.object_count = 0
         self.logical_bytes = 0
         # dir inode -> (names from the class root down, their inodes); used to
@@ -162,20 +175,30 @@ class Index:
         self._dir_paths: dict[int, tuple[list[bytes], list[int]]] = {}
 
     @classmethod
-    def open(cls, path: Path) -> Index:
+    def open(
+        cls, path: Path, *, block_size: int = DEFAULT_BLOCK, busy_timeout: float | None = None
+    ) -> Index:
         """Open (creating if needed) the index at *path*.
+
+        *block_size* is the backing filesystem's allocation unit (objects are
+        priced in whole blocks); *busy_timeout* (seconds, default
+        BUSY_TIMEOUT) is how long a statement waits for another process's
+        write lock before it fails.
 
         A file that is not a readable mithrilfs index is refused with a
         `UserError`, never a traceback and never a change to the file.
         """
+        timeout = BUSY_TIMEOUT if busy_timeout is None else busy_timeout
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL: a commit survives a crash of the daemon; only a power
             # loss can drop the last transactions, never corrupt the file.
+            # fsync(2) on a file asks for more: see make_durable.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
             db.execute("PRAGMA cache_size=-65536")
+
             version = cls._schema_version(db)
             if version is None:
                 # executescript commits first; keep schema and version in one transaction.
@@ -195,7 +218,9 @@ class Index:
                 "move the store aside and mount an empty one",
                 3,
             ) from None
-        index = cls(db)
+        index = cls(db, block_size)
+        index.wal_name = path.name + "-wal"
+        index.limit_wal(None)
         index._ensure_super_root()
         index._migrate_recency_to_ns()
         index._load_totals()
@@ -204,9 +229,11 @@ class Index:
     def recount(self) -> None:
         """Recompute the running totals from the tables (once, at open)."""
         # The empty object is not counted: its row lives as long as the store.
-        self.stored_bytes, self.object_count = self.db.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM objects WHERE hash != ?",
-            (EMPTY_DIGEST,),
+        block = self.block_size
+        self.stored_bytes, self.allocated_bytes, self.object_count = self.db.execute(
+            "SELECT coalesce(sum(size), 0), coalesce(sum((size + ? - 1) / ? * ?), 0), count(*) "
+            "FROM objects WHERE hash != ?",
+            (block, block, block, EMPTY_DIGEST),
         ).fetchone()
         self.logical_bytes = self.db.execute(
             "SELECT coalesce(sum(size), 0) FROM inodes WHERE object IS NOT NULL"
@@ -234,24 +261,62 @@ class Index:
         recounts.
         """
         saved = self.get_meta("totals")
-        if not isinstance(saved, str):
+        if isinstance(saved, str):
+            with self.transaction():
+                self.db.execute("DELETE FROM meta WHERE key='totals'")
+        parts = saved.split(",") if isinstance(saved, str) else []
+        # Totals saved by an older version, or on a filesystem with other
+        # blocks (the store was copied), are recounted.
+        if len(parts) != 5 or int(parts[4]) != self.block_size:
             self.recount()
             return
-        with self.transaction():
-            self.db.execute("DELETE FROM meta WHERE key='totals'")
-        self.stored_bytes, self.object_count, self.logical_bytes = (
-            int(part) for part in saved.split(",")
+        self.stored_bytes, self.object_count, self.logical_bytes, self.allocated_bytes = (
+            int(part) for part in parts[:4]
         )
 
     def close(self) -> None:
         try:
             with self.transaction():
                 self.set_meta(
-                    "totals", f"{self.stored_bytes},{self.object_count},{self.logical_bytes}"
+                    "totals",
+                    f"{self.stored_bytes},{self.object_count},{self.logical_bytes},"
+                    f"{self.allocated_bytes},{self.block_size}",
                 )
         except sqlite3.Error:
             pass  # read-only or full: the next open recounts
         self.db.close()
+
+    def limit_wal(self, cap: int | None) -> None:
+        """Keep the WAL small next to a store's *cap*, which it counts against.
+
+        It is checkpointed when it reaches a sixteenth of the cap (within
+        WAL_MIN..WAL_MAX; WAL_MAX, SQLite's own default, without a cap) and
+        cut back to that size afterwards, so that a burst of writes does not
+        leave it big.  `wal_limit` is what it may take between checkpoints.
+        """
+        limit = WAL_MAX if cap is None else max(WAL_MIN, min(WAL_MAX, cap // 16))
+        self.db.execute(f"PRAGMA wal_autocheckpoint={max(1, limit // 4096)}")
+        self.db.execute(f"PRAGMA journal_size_limit={limit}")
+        self.wal_limit = limit
+
+    def make_durable(self) -> None:
+        """Make every commit so far survive a power loss (fsync(2) on a file).
+
+        Commits run with synchronous=NORMAL, which a crash of the process
+        never loses but a power loss may.  A full checkpoint syncs the WAL,
+        copies it into the database file and syncs that.  When a reader's
+        snapshot keeps the checkpoint from finishing, one commit with
+        synchronous=FULL syncs the WAL, and with it every commit before.
+        """
+        busy, _frames, _done = self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        if not busy:
+            return
+        self.db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self.transaction():
+                self.set_meta("durable_at_ns", time.time_ns())
+        finally:
+            self.db.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -595,6 +660,7 @@ class Index:
 
     def _count_object(self, size: int, delta: int) -> None:
         self.stored_bytes += delta * size
+        self.allocated_bytes += delta * (-(-size // self.block_size) * self.block_size)
         self.object_count += delta
 
     # -- cache entries: placement, recency, eviction -------------------------

@@ -11,7 +11,12 @@ inode is pointed at the object in one index transaction.
 
 Sealing at flush, not only at release, matters: close(2) waits for flush but
 not for release, and a writer whose close() returned must find its bytes in
-the store even if the daemon is killed a moment later.
+the store even if the daemon is killed a moment later.  fsync(2) goes
+further: the staging file, the object's directory entry and the index
+transaction all reach the disk before it returns (power loss).
+
+Hashing large files runs in worker threads, at most one per core at a time
+(`hash_threads`), whether for sealing or for verification.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ import trio
 from mithrilfs.errors import FsError
 from mithrilfs.index import Index, Inode
 from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
+
+
+def hashing_threads() -> int:
+    """One hashing thread per core this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 @dataclass(eq=False)
@@ -77,9 +87,14 @@ class OpenFiles:
         *,
         max_file_size: int | None = None,
         on_sealed: Callable[[int, int, bool], None] = lambda ino, size, new_object: None,
+        hasher: Callable[[int], tuple[bytes, int]] = hash_fd,
     ) -> None:
         self.index = index
         self.store = store
+        # Seals and verifications of large files hash in threads: bounded, so
+        # that a burst of closes cannot start a thread per file.
+        self.hash_threads = trio.CapacityLimiter(hashing_threads())
+        self.hasher = hasher
         # A file that can never fit under the cap is refused (EFBIG) rather
         # than evicting everything else and failing anyway.
         self.max_file_size = max_file_size
@@ -140,11 +155,7 @@ class OpenFiles:
         except FileNotFoundError:
             return False
         try:
-            size = os.fstat(fd).st_size
-            if size <= INLINE_HASH_LIMIT:
-                actual, _size = hash_fd(fd)
-            else:
-                actual, _size = await trio.to_thread.run_sync(hash_fd, fd)
+            actual, _size = await self._hash(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         if actual != digest:
@@ -158,8 +169,10 @@ class OpenFiles:
     # -- open and close -----------------------------------------------------
 
     def staged_bytes(self) -> int:
-        """Bytes held in staging files (they count against the cap)."""
-        return sum(state.size for state in self._inodes.values() if state.staged)
+        """Blocks held by staging files (they count against the cap)."""
+        return sum(
+            self.store.allocated(state.size) for state in self._inodes.values() if state.staged
+        )
 
     def largest_staged(self) -> int:
         """The size of the largest file being written (eviction lets it exceed the cap)."""
@@ -186,9 +199,16 @@ class OpenFiles:
         if writable:
             state.writers += 1
         fh = next(self._next_fh)
-        self._handles[fh] = Handle(state, writable)
+        handle = Handle(state, writable)
+        self._handles[fh] = handle
         if writable and flags & os.O_TRUNC:
-            self._truncate_staged(state, 0)
+            try:
+                self._truncate_staged(state, 0)
+            except BaseException:
+                self._forget_handle(fh)
+                raise
+            # Its close must seal the truncation, other writers or not.
+            handle.changed = True
         return fh
 
     def pin(self, ino: int) -> None:
@@ -209,25 +229,47 @@ class OpenFiles:
             handle.changed = handle.inode.dirty
 
     async def fsync(self, fh: int) -> None:
-        handle = self._handles[fh]
-        if handle.inode.staged:
-            os.fsync(handle.inode.staging_fd)  # type: ignore[arg-type]
-        await self.seal(handle.inode)
+        """Make the file's current content survive a power loss, then return.
 
-    async def release(self, fh: int) -> int | None:
-        """Close a handle; returns the inode when no handle of it remains open."""
+        The staging file is synced before it is renamed into objects/, the
+        object's directory after, and the index transaction that points the
+        inode at it is checkpointed into the synced database file.
+        """
+        state = self._handles[fh].inode
+        if state.staged:
+            os.fsync(state.staging_fd)  # type: ignore[arg-type]
+        await self.seal(state)
+        if state.digest is not None and not state.staged:
+            self.store.sync_object(state.digest)
+        self.index.make_durable()
+
+    async def release(self, fh: int) -> None:
+        """Close a handle, sealing what its last writer left.
+
+        The handle goes even when sealing fails (a full disk): its staging
+        file, its descriptors and its place among the open inodes are
+        released whatever happens, so nothing is held until unmount.
+        """
+        handle = self._handles[fh]
+        try:
+            if handle.writable and handle.inode.writers == 1:
+                await self.seal(handle.inode)
+        finally:
+            self._forget_handle(fh)
+
+    def abandon(self, fh: int) -> None:
+        """Drop a handle whose open failed half way: nothing of it is sealed."""
+        self._forget_handle(fh)
+
+    def _forget_handle(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         state = handle.inode
         if handle.writable:
             state.writers -= 1
-            if state.writers == 0:
-                await self.seal(state)
         state.handles -= 1
-        if state.handles > 0:
-            return None
-        self._close_fds(state)
-        del self._inodes[state.ino]
-        return state.ino
+        if state.handles == 0:
+            self._close_fds(state)
+            del self._inodes[state.ino]
 
     def close_all(self) -> None:
         for state in self._inodes.values():
@@ -346,13 +388,15 @@ class OpenFiles:
                     return  # unlinked: nobody can see this content again
                 generation = state.generation
                 fd = state.staging_fd
-                if state.size <= INLINE_HASH_LIMIT:
-                    digest, size = hash_fd(fd)
-                else:
-                    digest, size = await trio.to_thread.run_sync(hash_fd, fd)
+                digest, size = await self._hash(fd, state.size)
                 if generation != state.generation or state.staging_fd != fd:
                     continue  # written to while hashing: hash again
                 self._publish(state, digest, size)
+
+    async def _hash(self, fd: int, size: int) -> tuple[bytes, int]:
+        if size <= INLINE_HASH_LIMIT:
+            return hash_fd(fd)  # cheaper than handing it to a thread
+        return await trio.to_thread.run_sync(self.hasher, fd, limiter=self.hash_threads)
 
     def _publish(self, state: OpenInode, digest: bytes, size: int) -> None:
         assert state.staging_path is not None

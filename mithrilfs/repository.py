@@ -73,7 +73,10 @@ class Repository:
         self.recovery = Recovery()
 
     @classmethod
-    def open(cls, root: Path, *, create: bool = True) -> Repository:
+    def open(
+        cls, root: Path, *, create: bool = True, busy_timeout: float | None = None
+    ) -> Repository:
+        """Take the store at *root*; *busy_timeout* is the index's (see Index.open)."""
         root = root.absolute()
         if not root.exists():
             if not create:
@@ -90,8 +93,13 @@ class Repository:
         try:
             content = ContentStore(root)
             content.create_dirs()
+            swept = content.scan()
+            if swept:
+                log.info("removed %d empty shard directories from %s", swept, root)
             _create_private(root / INDEX_NAME)
-            index = Index.open(root / INDEX_NAME)
+            index = Index.open(
+                root / INDEX_NAME, block_size=content.block, busy_timeout=busy_timeout
+            )
         except OSError as exc:
             os.close(lock_fd)
             raise UserError(f"cannot open store {root}: {exc.strerror or exc}", 2) from None

@@ -41,7 +41,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 GAUGES: dict[str, str] = {
     "logical_bytes": "Sum of the sizes of all files in the store",
-    "store_bytes": "Bytes of stored objects after dedup, plus staging",
+    "store_bytes": "Bytes the store takes on disk, as du counts them (counted against the cap)",
+    "object_bytes": "Bytes of stored objects after dedup (their sizes, not their blocks)",
     "objects": "Distinct content objects stored",
     "entries": "Cache entries (units of eviction)",
     "cap_bytes": "The store's size cap",
@@ -189,7 +190,8 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         },
         "logical_bytes": logical,
         "store_bytes": stored,
-        "dedup_ratio": _ratio(logical, stored),
+        "object_bytes": gauges.get("object_bytes", stored),
+        "dedup_ratio": _ratio(logical, gauges.get("object_bytes", stored)),
         "objects": gauges.get("objects", 0),
         "entries": gauges.get("entries", 0),
         "cap_bytes": gauges.get("cap_bytes", 0),
@@ -215,7 +217,7 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         f"{human_bytes(summary['cap_bytes'])} cap ({_percent(summary['used_fraction'])})",
         f"dedup ratio   {summary['dedup_ratio']:.2f}x  "
         f"({human_bytes(summary['logical_bytes'])} of files in "
-        f"{human_bytes(summary['store_bytes'])} stored, {summary['objects']} objects)",
+        f"{human_bytes(summary['object_bytes'])} stored, {summary['objects']} objects)",
         f"entries       {summary['entries']}",
         f"sealed        {summary['files_sealed']} files ({summary['dedup_hits']} deduplicated)",
         f"evictions     {summary['evictions']} entries, "

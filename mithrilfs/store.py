@@ -5,6 +5,11 @@ blake3 hash of their bytes, written by renaming a finished staging file into
 place.  Files still being written live in ``staging/``.  Names from the mount
 never reach the disk; the only paths here are hashes and inode numbers.
 
+A shard directory is made for the first object under it and removed with its
+last one: an empty directory still takes a block, and the cap bounds what
+`du` sees.  This module also prices that footprint (`allocated`,
+`overhead_bytes`) for the cap, without walking the tree on the request path.
+
 Nothing in this module touches the index: the caller decides when an object
 is referenced and when it may be deleted (after the index commit, so a crash
 leaves an orphan file, never a row that points at nothing).
@@ -16,7 +21,8 @@ import contextlib
 import errno
 import itertools
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import blake3
@@ -43,6 +49,17 @@ def hash_fd(fd: int) -> tuple[bytes, int]:
     return hasher.digest(), offset
 
 
+def block_size(path: Path) -> int:
+    """The allocation unit of the filesystem holding *path* (what `du` rounds to)."""
+    backing = os.statvfs(path)
+    return backing.f_frsize or backing.f_bsize or DEFAULT_BLOCK
+
+
+DEFAULT_BLOCK = 4096
+# How long a listing of the store's top level (index, WAL, lock) stays good.
+TOP_LEVEL_TTL = 0.1
+
+
 class ContentStore:
     """Objects and staging files under one store directory."""
 
@@ -52,20 +69,100 @@ class ContentStore:
         self.staging_dir = root / "staging"
         self._objects_str = os.fspath(self.objects_dir)
         self._staging_names = itertools.count()
+        # Set by `scan` from the backing filesystem; these defaults are ext4's.
+        self.block = DEFAULT_BLOCK
+        self.dir_bytes = DEFAULT_BLOCK
+        self.shard_dirs = 0  # directories below objects/, kept current by publish and delete
+        # The last figures of the top level, without and with floors, and when
+        # they were taken: the cap is checked at every write, and the index
+        # grows slowly next to a WAL whose room is reserved anyway.
+        self._top_level_bytes = {False: 0, True: 0}
+        self._scanned_at = {False: -TOP_LEVEL_TTL, True: -TOP_LEVEL_TTL}
 
     def create_dirs(self) -> None:
         for path in (self.root, self.objects_dir, self.staging_dir):
             path.mkdir(mode=0o700, exist_ok=True)
 
+    def scan(self) -> int:
+        """Learn the backing filesystem's block and directory sizes, count the shard
+        directories and remove empty ones (stores made before shard directories
+        were removed with their last object kept them all).  Returns how many
+        empty ones went.  Costs one listing of the shard directories, not of
+        the objects.
+        """
+        self.block = block_size(self.root)
+        # In the root, not in staging/ (whose entries recovery takes for
+        # files); one left by a crash here is simply used again.
+        probe = self.root / ".dir-size-probe"
+        probe.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.dir_bytes = os.stat(probe).st_blocks * 512
+        finally:
+            probe.rmdir()
+        removed = kept = 0
+        for first in _subdirs(self.objects_dir):
+            inner = _subdirs(first)
+            for second in inner:
+                if _remove_if_empty(second):
+                    removed += 1
+                else:
+                    kept += 1
+            if _remove_if_empty(first):
+                removed += 1
+            else:
+                kept += 1
+        self.shard_dirs = kept
+        return removed
+
+    def allocated(self, size: int) -> int:
+        """What a file of *size* bytes takes on disk: whole blocks."""
+        return -(-size // self.block) * self.block
+
+    def overhead_bytes(self, floors: Mapping[str, int] | None = None) -> int:
+        """Everything in the store that is not an object or a staging file: the
+        index and its WAL, the lock, the directories (stat of the top level,
+        plus the shard directories counted in memory).  A top-level file
+        named in *floors* counts as at least that many bytes."""
+        floors = floors or {}
+        now = time.monotonic()
+        if now - self._scanned_at[bool(floors)] < TOP_LEVEL_TTL:
+            return self.shard_dirs * self.dir_bytes + self._top_level_bytes[bool(floors)]
+        try:
+            top = 0
+            unseen = dict(floors)  # a floor counts even while its file is absent
+            with os.scandir(self.root) as listing:
+                for item in listing:
+                    with contextlib.suppress(FileNotFoundError):
+                        taken = item.stat(follow_symlinks=False).st_blocks * 512
+                        top += max(taken, unseen.pop(item.name, 0))
+            top += sum(unseen.values())
+            self._top_level_bytes[bool(floors)] = top
+            self._scanned_at[bool(floors)] = now
+        except OSError:
+            pass  # unreadable for a moment: the last figure is the best guess
+        return self.shard_dirs * self.dir_bytes + self._top_level_bytes[bool(floors)]
+
     def object_path(self, digest: bytes) -> Path:
         hexname = digest.hex()
         return self.objects_dir / hexname[:2] / hexname[2:4] / hexname
 
-    @staticmethod
-    def _make_shard_dirs(target: Path) -> None:
+    def _make_shard_dirs(self, target: Path) -> None:
         # mkdir(parents=True) would give the first level the umask's mode.
-        for directory in (target.parent.parent, target.parent):
-            directory.mkdir(mode=0o700, exist_ok=True)
+        made: list[Path] = []
+        try:
+            for directory in (target.parent.parent, target.parent):
+                try:
+                    directory.mkdir(mode=0o700)
+                except FileExistsError:
+                    continue
+                made.append(directory)
+                self.shard_dirs += 1
+        except OSError:
+            # A full disk: leave no empty directory behind.
+            for directory in made:
+                if _remove_if_empty(directory):
+                    self.shard_dirs -= 1
+            raise
 
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()
@@ -110,6 +207,19 @@ class ContentStore:
         os.replace(staging_path, target)
         return True
 
+    def sync_object(self, digest: bytes) -> None:
+        """Sync an object and the directories that name it (its rename), for fsync(2).
+
+        The object may have been sealed by an earlier close, unsynced.
+        """
+        path = self.object_path(digest)
+        for target in (path, path.parent, path.parent.parent, self.objects_dir):
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def ensure_empty_object(self) -> None:
         target = self.object_path(EMPTY_DIGEST)
         if not target.exists():
@@ -118,8 +228,14 @@ class ContentStore:
             os.close(fd)
 
     def delete(self, digest: bytes) -> None:
+        path = self.object_path(digest)
         with contextlib.suppress(FileNotFoundError):
-            self.object_path(digest).unlink()
+            path.unlink()
+        # The last object of a shard takes its directories with it.
+        for directory in (path.parent, path.parent.parent):
+            if not _remove_if_empty(directory):
+                break
+            self.shard_dirs -= 1
 
     def verify(self, digest: bytes, size: int) -> str | None:
         """Return None when the object is intact, else what is wrong with it."""
@@ -162,6 +278,23 @@ class ContentStore:
             path.unlink()
             removed += 1
         return removed
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    try:
+        with os.scandir(directory) as listing:
+            return [Path(item.path) for item in listing if item.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _remove_if_empty(directory: Path) -> bool:
+    """rmdir; False when the directory still holds something or is already gone."""
+    try:
+        directory.rmdir()
+    except OSError:
+        return False  # not empty (the usual case), gone, or not ours to remove
+    return True
 
 
 def is_disk_full(exc: OSError) -> bool:

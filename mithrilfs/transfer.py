@@ -52,7 +52,9 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import os
+import re
 import stat
 import sys
 import tarfile
@@ -92,6 +94,11 @@ _TAR_ENCODING = "utf-8"
 # str names, and PAX's hdrcharset=BINARY stores them unchanged.
 _TAR_ERRORS = "surrogateescape"
 _NS = 1_000_000_000
+# What the index (SQLite INTEGER) and the kernel's timestamps hold.
+_INT64_MAX = (1 << 63) - 1
+# A PAX time: an optional sign, ASCII digits, optional fraction.
+_PAX_TIME = re.compile(r"([+-]?)([0-9]+)(?:\.([0-9]*))?", re.ASCII)
+SYMLINK_MAX = 4095
 
 
 class Kind(Enum):
@@ -370,7 +377,7 @@ def _walk(root: bytes) -> Iterator[tuple[tuple[bytes, ...], os.stat_result]]:
 
 
 def _node_from_stat(parts: tuple[bytes, ...], st: os.stat_result) -> Node | None:
-    mode = stat.S_IMODE(st.st_mode)
+    mode = _imported_mode(st.st_mode)
     if stat.S_ISDIR(st.st_mode):
         return Node(parts, Kind.DIR, mode, st.st_mtime_ns)
     if stat.S_ISREG(st.st_mode):
@@ -544,17 +551,24 @@ def _read_meta(tar: tarfile.TarFile, member: tarfile.TarInfo) -> ExportMeta:
 
 
 def _node_from_member(tar: tarfile.TarFile, member: tarfile.TarInfo, stager: Stager) -> Node:
+    """Every header field is checked here, before anything of the member is
+    staged, and staging is the only write before the commit: a bad archive is
+    refused before the store changes."""
     parts = archive_parts(member.name)
-    mode = member.mode & 0o7777
+    if not isinstance(member.mode, int) or not 0 <= member.mode <= 0o7777:
+        raise BadArchive(f"member {member.name!r} has an invalid mode")
+    mode = _imported_mode(member.mode)
     mtime_ns = _member_mtime_ns(member)
     if member.isdir():
         return Node(parts, Kind.DIR, mode, mtime_ns)
     if member.issym():
         target = member.linkname.encode(_TAR_ENCODING, _TAR_ERRORS)
-        if not target or b"\0" in target:
+        if not target or b"\0" in target or len(target) > SYMLINK_MAX:
             raise BadArchive(f"symlink {member.name!r} has an invalid target")
         return Node(parts, Kind.SYMLINK, mode, mtime_ns, target=target)
     if member.isreg():
+        if not 0 <= member.size <= _INT64_MAX:
+            raise BadArchive(f"member {member.name!r} has an invalid size {member.size}")
         reader = tar.extractfile(member)
         assert reader is not None
         digest, size = stager.stage(reader.read)
@@ -580,18 +594,31 @@ def archive_parts(name: str) -> tuple[bytes, ...]:
     return parts
 
 
+def _imported_mode(mode: int) -> int:
+    """Permission bits, less set-user-ID and set-group-ID: an import installs
+    files as the importer, and must not hand out their privileges."""
+    return stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID)
+
+
 def _member_mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's mtime in ns, refused unless it fits the index (signed 64 bits)."""
     # tarfile turns the PAX mtime into a float, which cannot hold nanoseconds
     # since 1970; the raw header string can.
     text = member.pax_headers.get("mtime")
     if text is None:
-        return int(member.mtime) * _NS
-    negative = text.startswith("-")
-    whole, _, fraction = text.lstrip("+-").partition(".")
-    if not whole.isdigit() or (fraction and not fraction.isdigit()):
-        raise BadArchive(f"member {member.name!r} has an invalid mtime {text!r}")
-    ns = int(whole) * _NS + int((fraction + "0" * 9)[:9])
-    return -ns if negative else ns
+        mtime = member.mtime
+        ns = int(mtime) * _NS if isinstance(mtime, int) or math.isfinite(mtime) else None
+    else:
+        match = _PAX_TIME.fullmatch(text)
+        ns = None
+        if match is not None and len(match.group(2)) <= 20:  # more digits are out of range
+            ns = int(match.group(2)) * _NS + int((match.group(3) or "").ljust(9, "0")[:9])
+            if match.group(1) == "-":
+                ns = -ns
+    if ns is None or not -_INT64_MAX <= ns <= _INT64_MAX:
+        shown = text if text is not None else member.mtime
+        raise BadArchive(f"member {member.name!r} has an invalid mtime {str(shown)[:40]!r}")
+    return ns
 
 
 def _ns_to_decimal(ns: int) -> str:

@@ -75,6 +75,8 @@ class Mount:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []
         self.allow_log_errors = False
+        # How the CLI is started; a test may start it through a wrapper.
+        self.launcher: list[str] = [sys.executable, "-m", "mithrilfs"]
 
     def __truediv__(self, other: str) -> Path:
         return self.mountpoint / other
@@ -84,9 +86,7 @@ class Mount:
         if extra_args:
             self.extra_args = list(extra_args)
         command = [
-            sys.executable,
-            "-m",
-            "mithrilfs",
+            *self.launcher,
             "mount",
             str(self.mountpoint),
             "--store",

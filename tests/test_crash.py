@@ -906,20 +906,23 @@ def test_cli_mount_clears_the_stale_mount_a_killed_daemon_left(tmp_path: Path) -
         clear_leftover_mount(mountpoint)
 
 
-def test_close_with_another_writable_handle_open_survives_kill(crashable: Any) -> None:
+@pytest.mark.parametrize("new", [b"new bytes, closed", b""], ids=["write", "truncate-only"])
+def test_close_with_another_writable_handle_open_survives_kill(crashable: Any, new: bytes) -> None:
     """close() returned, so the bytes must survive, even while another process
-    still holds the file open for writing (as filelock holds its lock files)."""
+    still holds the file open for writing (as filelock holds its lock files).
+    An O_TRUNC open closed without a write is a change like any other."""
     mount = crashable()
     path = mount / "triton" / "f"
-    path.write_bytes(b"old")
+    path.write_bytes(b"old bytes that must not come back")
     holder = os.open(path, os.O_RDWR)  # open for writing, never writes
     try:
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-        os.write(fd, b"new bytes, closed")
+        if new:
+            os.write(fd, new)
         os.close(fd)  # returned: the writer is done
         crash(mount)
     finally:
         with contextlib.suppress(OSError):
             os.close(holder)
     restart(mount)
-    assert path.read_bytes() == b"new bytes, closed"
+    assert path.read_bytes() == new

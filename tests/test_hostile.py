@@ -43,7 +43,8 @@ def test_deep_paths(mount) -> None:
         too_deep.mkdir(parents=True)
 
 
-def test_full_backing_disk_gives_enospc_and_nothing_else_breaks(make_mount, small_disk) -> None:
+def test_full_backing_disk_gives_enospc_and_nothing_else_breaks(small_disk, make_mount) -> None:
+    # small_disk first: it must outlive the mount, which is unmounted first.
     mount = make_mount("--cap", "100M", store=small_disk / "store")
     keep = mount / "triton" / "keep"
     keep.write_bytes(b"k" * 1000)

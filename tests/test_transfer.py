@@ -409,3 +409,113 @@ def test_progress_is_drawn_only_on_a_tty(tmp_path: Path) -> None:
     transfer.import_directory(tmp_path / "store", src, "triton", CLASS, progress_stream=quiet)
     assert quiet.getvalue() == ""
     assert_fsck_clean(tmp_path / "store")
+
+
+def export_with(members: list[tuple[Any, bytes]], device_class: str = "cpu-new") -> bytes:
+    """A .tar.zst with a valid export header, then *members* as (TarInfo, content)."""
+    import tarfile
+
+    import zstandard
+
+    raw = io.BytesIO()
+    sizes = sum(len(data) for info, data in members if info.isreg())
+    header = transfer.ExportMeta(device_class, len(members), sizes, "test").to_json()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(transfer.EXPORT_META_NAME)
+        info.size = len(header)
+        tar.addfile(info, io.BytesIO(header))
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return zstandard.ZstdCompressor(write_checksum=True).compress(raw.getvalue())
+
+
+def member(name: str, data: bytes = b"", **fields: Any) -> tuple[Any, bytes]:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def hostile_archives() -> dict[str, bytes]:
+    import tarfile
+
+    def pax_mtime(text: str) -> tuple[Any, bytes]:
+        # A good file first, so that the bad one comes after something was staged.
+        return member("triton/k/b.bin", b"b" * 3000, pax_headers={"mtime": text})
+
+    good = member("triton/k/a.bin", b"a" * 5000)
+    return {
+        "mtime-beyond-int64": export_with([good, pax_mtime("1" + "0" * 30)]),
+        "mtime-2-to-the-63": export_with([good, pax_mtime(str(1 << 63))]),
+        "mtime-hugely-negative": export_with([good, pax_mtime("-" + "9" * 25)]),
+        "mtime-thousands-of-digits": export_with([good, pax_mtime("7" * 5000)]),
+        "mtime-unicode-digits": export_with([good, pax_mtime("\u00b2\u00b3")]),
+        "ustar-mtime-beyond-int64": export_with(
+            [good, member("triton/k/c.bin", b"c", mtime=1 << 62)]
+        ),
+        "symlink-target-too-long": export_with(
+            [good, member("triton/k/l", type=tarfile.SYMTYPE, linkname="x" * 5000)]
+        ),
+        "dot-dot-name": export_with([good, member("triton/../../etc/passwd", b"x")]),
+        "fifo": export_with([good, member("triton/k/fifo", type=tarfile.FIFOTYPE)]),
+        "hard-link": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin")]
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(hostile_archives()))
+def test_a_hostile_archive_never_changes_the_store(tmp_path: Path, name: str) -> None:
+    src, store = tmp_path / "src", tmp_path / "store"
+    src.mkdir()
+    (src / "kept").write_bytes(b"already here")
+    ok("import", src, "--layout", "triton", "--store", store, "--device-class", CLASS)
+    before = store_state(store)
+    archive = tmp_path / f"{name}.tar.zst"
+    archive.write_bytes(hostile_archives()[name])
+    line = assert_one_line_error(mithrilfs("import", archive, "--store", store))
+    assert "valid mithrilfs export" in line, line
+    assert store_state(store) == before
+    assert_fsck_clean(store)
+
+
+def test_imports_drop_setuid_and_setgid_bits(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    archive = tmp_path / "suid.tar.zst"
+    archive.write_bytes(
+        export_with(
+            [
+                member("triton/k/run.so", b"\x7fELF", mode=0o6755),
+                member("triton/k/sticky", b"s", mode=0o1644),
+            ],
+            device_class=CLASS,
+        )
+    )
+    ok("import", archive, "--store", store)
+    src = tmp_path / "src"
+    src.mkdir()
+    suid = src / "tool"
+    suid.write_bytes(b"#!/bin/sh\n")
+    os.chmod(suid, 0o4755)
+    ok("import", src, "--layout", "inductor", "--store", store, "--device-class", CLASS)
+    db = sqlite3.connect(store / "mithril.db")
+    try:
+        modes = dict(
+            db.execute(
+                "SELECT e.name, i.mode FROM entries e JOIN inodes i ON i.id = e.inode "
+                "WHERE e.name IN (?, ?, ?)",
+                (b"run.so", b"sticky", b"tool"),
+            ).fetchall()
+        )
+    finally:
+        db.close()
+    assert {name: stat.S_IMODE(mode) for name, mode in modes.items()} == {
+        b"run.so": 0o755,
+        b"sticky": 0o1644,
+        b"tool": 0o755,
+    }
+    assert_fsck_clean(store)
