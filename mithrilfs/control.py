@@ -52,7 +52,7 @@ from mithrilfs.eviction import (
     plan,
     select_entries,
 )
-from mithrilfs.index import EvictedEntry, Index
+from mithrilfs.index import EvictedEntry
 from mithrilfs.mounts import FSTYPE, mount_table
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
 from mithrilfs.stats import Stats
@@ -328,15 +328,16 @@ def run_offline(store: Path, request: Request) -> Outcome:
         evictor = Evictor(index, repo.content, cap, on_removed=count)
         outcome = _run_sync(execute(request, evictor))
         if tallies:
-            _record_offline(index, tallies)
+            _record_offline(evictor, tallies)
     finally:
         repo.close()
     outcome.served_by = "offline"
     return outcome
 
 
-def _record_offline(index: Index, tallies: dict[tuple[str, str], list[int]]) -> None:
+def _record_offline(evictor: Evictor, tallies: dict[tuple[str, str], list[int]]) -> None:
     """Count offline evictions where `mithrilfs stats` and the next daemon find them."""
+    index = evictor.index
     for device_class in {c for c, _reason in tallies}:
         counts = Stats(device_class)
         counts.load_rows(iter(index.load_counters()))
@@ -349,7 +350,8 @@ def _record_offline(index: Index, tallies: dict[tuple[str, str], list[int]]) -> 
         [],
         {
             "logical_bytes": index.logical_bytes,
-            "store_bytes": index.stored_bytes,
+            "store_bytes": evictor.footprint(),  # as the daemon reports it: what du sees
+            "object_bytes": index.stored_bytes,
             "objects": index.object_count,
             "entries": index.entry_count(),
         },
