@@ -444,6 +444,7 @@ METRICS = {
     "mithrilfs_integrity_failures_total",
     "mithrilfs_logical_bytes",
     "mithrilfs_store_bytes",
+    "mithrilfs_object_bytes",
     "mithrilfs_objects",
     "mithrilfs_entries",
     "mithrilfs_cap_bytes",
