@@ -9,6 +9,11 @@ traceback and answered with EIO so that the mount stays up.
 
 The kernel sees inode 1 as the root; here that is the root directory of the
 mount's device class.  Every other inode number is the index's own.
+
+Tenancy (docs/security.md): every change of a name or of content is checked
+against the tree it is in: the shared tree takes changes from trusted
+writers only, `users/` and the private roots from nobody; a name missing in
+a private directory is cloned from the shared tree at its first lookup.
 """
 
 from __future__ import annotations
@@ -37,11 +42,22 @@ from mithrilfs.index import (
     Index,
     Inode,
 )
-from mithrilfs.layouts import OTHER_LAYOUT, layout_of
+from mithrilfs.layouts import (
+    LAYOUT_ROOTS,
+    OTHER_LAYOUT,
+    SHARED_TREE,
+    USERS_DIR,
+    USERS_TREE,
+    is_entry_root,
+    is_in_entry,
+    is_transient,
+    layout_of,
+)
 from mithrilfs.openfiles import OpenFiles
 from mithrilfs.remote import Remote
 from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
+from mithrilfs.tenancy import Trust, primary_gid, tree_name
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +73,14 @@ NEGATIVE_TIMEOUT = 3600.0
 BLOCK_SIZE = 128 * 1024
 READDIR_BATCH = 256
 STATFS_BLOCK = 4096
+
+# Group and other write bits: shown on the shared tree when a non-root
+# principal is trusted (docs/security.md), dropped from clones.
+_GROUP_OTHER_WRITE = 0o022
+
+# What `layouts` records for a private root (users/<name>), whose children
+# are layout roots like the mount root's.
+_PRIVATE_ROOT = "private-root"
 
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -111,6 +135,7 @@ class Operations(pyfuse3.Operations):
         max_age: float | None = None,
         read_only: bool = False,
         remote: Remote | None = None,
+        trust: Trust | None = None,
     ):
         super().__init__()
         self.index = index
@@ -137,6 +162,12 @@ class Operations(pyfuse3.Operations):
         # for the per-layout counters.
         self.layouts: dict[int, str] = {}
         self.dir_handles = 0
+        # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
+        # the kernel holds: for the per-tree counters and the presentation.
+        self.trees: dict[int, str] = {}
+        self.trust = trust if trust is not None else Trust(frozenset({0, os.geteuid()}))
+        users = index.lookup(root, USERS_DIR)
+        self.users = users.id if users is not None else None
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
         # The shared tier, consulted on a local miss; with it, a name the
@@ -166,7 +197,7 @@ class Operations(pyfuse3.Operations):
         attrs.generation = 0
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_mode = pyfuse3.ModeT(node.mode)
+        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node))
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
@@ -184,17 +215,43 @@ class Operations(pyfuse3.Operations):
         attrs.st_ctime_ns = node.ctime_ns
         return attrs
 
-    def _remember(self, node: Inode, layout: str | None = None) -> pyfuse3.EntryAttributes:
+    def _shown_mode(self, node: Inode) -> int:
+        """The stored mode, plus write bits on the shared tree when non-root writers are trusted.
+
+        Those writers must pass the kernel's default_permissions check on
+        uid 0's directories and files (inductor reopens lock files O_RDWR);
+        the daemon's trust check is then what refuses everyone else.
+        """
+        mode = node.mode
+        if self.trust.root_only or self.trees.get(node.id) != SHARED_TREE or stat.S_ISLNK(mode):
+            return mode
+        granted = (mode & 0o011) << 1 if node.is_dir else (mode & 0o044) >> 1
+        return mode | granted
+
+    def _remember(
+        self, node: Inode, layout: str | None = None, tree: str | None = None
+    ) -> pyfuse3.EntryAttributes:
         """Reply with an entry the kernel will now hold: count it."""
         self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
         if layout is not None:
             self.layouts[node.id] = layout
+        if tree is not None:
+            self.trees[node.id] = tree
         return self._attrs(node)
 
     def _layout_below(self, parent: int, name: bytes) -> str:
-        if parent == self.root:
+        if parent == self.root or self.layouts.get(parent) == _PRIVATE_ROOT:
             return layout_of(name)
+        if parent == self.users:
+            return _PRIVATE_ROOT  # its children are the layout roots of that tree
         return self.layouts.get(parent, OTHER_LAYOUT)
+
+    def _tree_below(self, parent: int, name: bytes) -> str:
+        if parent == self.root:
+            return USERS_TREE if name == USERS_DIR else SHARED_TREE
+        if parent == self.users:
+            return name.decode(errors="replace")
+        return self.trees.get(parent, SHARED_TREE)
 
     def _is_held(self, ino: int) -> bool:
         """Asked by eviction before it drops *ino*'s content."""
@@ -214,6 +271,7 @@ class Operations(pyfuse3.Operations):
     def _appeared(self, parent: int, name: bytes) -> None:
         """A name came from the shared tier: drop a negative entry the kernel may hold."""
         pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
+        self._shared_name_appeared(parent, name)
 
     def _grew(self) -> None:
         """The store took in content (a seal, a fetch from the shared tier)."""
@@ -273,6 +331,129 @@ class Operations(pyfuse3.Operations):
         if self.read_only:
             raise FsError(errno.EROFS)
 
+    # -- tenancy: who may change what, and the union over the shared tree -----
+
+    def _check_change(
+        self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> tuple[str, int, int]:
+        """Refuse a change of *name* in *parent* that the caller may not make.
+
+        Returns the tree and the owner (uid, gid) that new nodes there get:
+        uid 0 in the shared tree, whoever made them; the tree's owner in a
+        private tree.
+        """
+        self._writable()
+        if parent == self.users or (parent == self.root and name == USERS_DIR):
+            raise FsError(errno.EPERM)  # only the daemon makes private trees
+        tree, names = self.index.tree_path(parent)
+        if tree == SHARED_TREE:
+            if not self.trust.allows(ctx.uid, ctx.gid, ctx.pid):
+                raise FsError(errno.EACCES)
+            return tree, 0, 0
+        owner = self._private_root(tree)
+        if tree == USERS_TREE or not names or owner is None:
+            raise FsError(errno.EPERM)  # a private root's layout is the daemon's
+        if ctx.uid not in (0, owner.uid):
+            raise FsError(errno.EACCES)
+        return tree, owner.uid, owner.gid
+
+    def _check_node_change(self, ino: int, ctx: pyfuse3.RequestContext) -> None:
+        """Refuse a change of *ino*'s content or attributes that the caller may not make."""
+        if ino == self.root:
+            self._check_change(self.root, b"", ctx)
+            return
+        link = self.index.link_of(ino)
+        if link is not None:  # an unlinked file is reached only through a checked handle
+            self._check_change(*link, ctx)
+
+    def _private_root(self, tree: str) -> Inode | None:
+        if self.users is None:
+            return None
+        return self.index.lookup(self.users, tree.encode())
+
+    def _make_private_root(self, name: bytes, ctx: pyfuse3.RequestContext) -> Inode | None:
+        """The caller's own private tree, made at their first lookup of it."""
+        if self.users is None or name != tree_name(ctx.uid).encode():
+            return None
+        gid = primary_gid(ctx.uid, ctx.gid)
+        with self.index.transaction():
+            root = self.index.make_node(self.users, name, stat.S_IFDIR | 0o700, ctx.uid, gid)
+            for layout in LAYOUT_ROOTS:
+                self.index.make_node(root.id, layout.encode(), stat.S_IFDIR | 0o755, ctx.uid, gid)
+        log.info("made the private tree users/%s", name.decode(errors="replace"))
+        return self.index.get(root.id)
+
+    def _shared_counterpart(self, directory: int) -> tuple[str, list[bytes], Inode] | None:
+        """(tree, names, shared directory) for a private directory the union applies to.
+
+        Not for a private root (its layout is fixed) nor inside a cache entry:
+        an entry comes whole from one tree, never half from each.
+        """
+        tree, names = self.index.tree_path(directory)
+        if tree in (SHARED_TREE, USERS_TREE) or not names or is_in_entry(names):
+            return None
+        shared = self.index.walk(self.root, names)
+        return None if shared is None else (tree, names, shared)
+
+    def _clonable(self, name: bytes, node: Inode) -> bool:
+        return not is_transient(name) and not (
+            node.is_file and self.files.is_being_written(node.id)
+        )
+
+    def _clone_from_shared(self, directory: int, only: bytes | None = None) -> Inode | None:
+        """Clone shared names missing in a private *directory* (all of them, or *only*).
+
+        Returns the clone of *only*.  Files refer to the shared objects (no
+        content is copied); a directory that is a whole cache entry comes with
+        its subtree, any other directory empty.
+        """
+        found = self._shared_counterpart(directory)
+        if found is None:
+            return None
+        tree, names, shared = found
+        owner = self._private_root(tree)
+        if owner is None:
+            return None
+        if only is not None:
+            source = self.index.lookup(shared.id, only)
+            candidates = [] if source is None else [(only, source)]
+        else:
+            candidates = [
+                (name, node) for _id, name, node in self.index.readdir(shared.id, -1, 1 << 62)
+            ]
+        cloned: Inode | None = None
+        with self.index.transaction():
+            for name, source in candidates:
+                if not self._clonable(name, source) or self.index.lookup(directory, name):
+                    continue
+                cloned = self.index.clone(
+                    directory,
+                    name,
+                    source,
+                    owner.uid,
+                    owner.gid,
+                    whole=source.is_dir and is_entry_root([*names, name]),
+                    skip=lambda node: node.is_file and self.files.is_being_written(node.id),
+                )
+                self.stats.inc("shared_hits_total", tree=tree)
+        return cloned
+
+    def _shared_name_appeared(self, parent: int, name: bytes) -> None:
+        """A name appeared in a shared directory: drop negative entries in private views.
+
+        Only directories the kernel holds can have cached entries below them
+        (and before the FUSE handshake nothing may be notified).
+        """
+        if is_transient(name) or self.users is None:
+            return
+        tree, names = self.index.tree_path(parent)
+        if tree != SHARED_TREE or not names:
+            return
+        for _name, private_root in self.index.private_roots(self.root):
+            view = self.index.walk(private_root, names)
+            if view is not None and view.id in self.lookups:
+                pyfuse3.invalidate_entry_async(self._fuse_ino(view.id), name, ignore_enoent=True)
+
     def _maybe_free(self, ino: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
         if ino in self.lookups or self.files.is_open(ino):
@@ -305,20 +486,31 @@ class Operations(pyfuse3.Operations):
             # The kernel passes names up to 1024 bytes; POSIX wants ENAMETOOLONG, not ENOENT.
             raise FsError(errno.ENAMETOOLONG)
         layout = self._layout_below(parent, name)
+        tree = self._tree_below(parent, name)
+        label = layout if layout != _PRIVATE_ROOT else OTHER_LAYOUT
         node = self.index.lookup(parent, name)
+        if node is None and parent == self.users:
+            node = self._make_private_root(name, ctx)
+            if node is None:
+                # Not cached: the kernel's dentries are everyone's, and this
+                # name may be made at its owner's first lookup.
+                self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
+                raise FsError(errno.ENOENT)
+        if node is None and tree not in (SHARED_TREE, USERS_TREE):
+            node = self._clone_from_shared(parent, only=name)
         if node is None and self.remote is not None:
             node = await self.remote.lookup(parent, name, ctx.uid, ctx.gid)
         if node is None:
-            self.stats.inc("lookups_total", result="miss", layout=layout)
+            self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = pyfuse3.InodeT(0)
             negative.entry_timeout = self.negative_timeout
             return negative
         if node.entry is not None and not await self._entry_intact(node.entry):
-            self.stats.inc("lookups_total", result="miss", layout=layout)
+            self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
             raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss
-        self.stats.inc("lookups_total", result="hit", layout=layout)
-        return self._remember(node, layout)
+        self.stats.inc("lookups_total", result="hit", layout=label, tree=tree)
+        return self._remember(node, layout, tree)
 
     @guarded
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -330,6 +522,7 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self.layouts.pop(ino, None)
+            self.trees.pop(ino, None)
             self._maybe_free(ino)
 
     @guarded
@@ -347,8 +540,8 @@ class Operations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
         ino = self._ino(inode)
+        self._check_node_change(ino, ctx)
         node = self.index.get(ino)
         now = time.time_ns()
         if fields.update_size:
@@ -392,12 +585,14 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
+        parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         if not stat.S_ISREG(mode):
             raise FsError(errno.EPERM)
         with self.index.transaction():
-            node = self.index.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid)
-        return self._remember(node)
+            node = self.index.make_node(parent, name, mode, uid, gid)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def mkdir(
@@ -407,13 +602,12 @@ class Operations(pyfuse3.Operations):
         mode: pyfuse3.ModeT,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
         parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid
-            )
-        return self._remember(node, self._layout_below(parent, name))
+            node = self.index.make_node(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def symlink(
@@ -423,17 +617,12 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
+        parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                self._ino(parent_inode),
-                name,
-                stat.S_IFLNK | 0o777,
-                ctx.uid,
-                ctx.gid,
-                target=target,
-            )
-        return self._remember(node)
+            node = self.index.make_node(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def link(
@@ -445,22 +634,25 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         # Cache entries are published by rename; hard links would tie the
         # eviction of one entry to another's.
+        self._check_change(self._ino(new_parent_inode), new_name, ctx)
         raise FsError(errno.EPERM)
 
     @guarded
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._writable()
-        node = self.index.unlink(self._ino(parent_inode), name)
+        parent = self._ino(parent_inode)
+        self._check_change(parent, name, ctx)
+        node = self.index.unlink(parent, name)
         self._maybe_free(node.id)
 
     @guarded
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._writable()
-        node = self.index.rmdir(self._ino(parent_inode), name)
+        parent = self._ino(parent_inode)
+        self._check_change(parent, name, ctx)
+        node = self.index.rmdir(parent, name)
         self._maybe_free(node.id)
 
     @guarded
@@ -473,14 +665,16 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self._writable()
+        old_parent, new_parent = self._ino(parent_inode_old), self._ino(parent_inode_new)
+        old_tree = self._check_change(old_parent, name_old, ctx)[0]
+        if self._check_change(new_parent, name_new, ctx)[0] != old_tree:
+            raise FsError(errno.EXDEV)  # a name belongs to one tree for its whole life
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise FsError(errno.EINVAL)
-        replaced = self.index.rename(
-            self._ino(parent_inode_old), name_old, self._ino(parent_inode_new), name_new, flags
-        )
+        replaced = self.index.rename(old_parent, name_old, new_parent, name_new, flags)
         if replaced is not None:
             self._maybe_free(replaced.id)
+        self._shared_name_appeared(new_parent, name_new)
         if self.remote is not None:
             # Compilers write under a temporary name and rename into place.
             self.remote.notify_renamed(self._ino(parent_inode_new), name_new)
@@ -494,6 +688,8 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(inode)
         if not self.index.get(ino).is_dir:
             raise FsError(errno.ENOTDIR)
+        if self.trees.get(ino, SHARED_TREE) not in (SHARED_TREE, USERS_TREE):
+            self._clone_from_shared(ino)  # a listing shows the union
         self.dir_handles += 1
         return pyfuse3.FileHandleT(ino)
 
@@ -509,6 +705,7 @@ class Operations(pyfuse3.Operations):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
                 self.layouts[node.id] = self._layout_below(fh, name)
+                self.trees[node.id] = self._tree_below(fh, name)
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return
@@ -532,14 +729,13 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._writable()
         parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
-            )
+            node = self.index.make_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
         fh = self.files.open(node.id, flags & ~os.O_TRUNC)
-        attrs = self._remember(node, self._layout_below(parent, name))
+        self._shared_name_appeared(parent, name)
+        attrs = self._remember(node, self._layout_below(parent, name), tree)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), attrs
 
     @guarded
@@ -552,6 +748,12 @@ class Operations(pyfuse3.Operations):
         # writes themselves are refused.
         if flags & os.O_TRUNC:
             self._writable()
+        if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
+            try:
+                self._check_node_change(ino, ctx)
+            except FsError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
         node = self.index.get(ino)
         if not node.is_file:
             raise FsError(errno.EISDIR)
@@ -566,7 +768,11 @@ class Operations(pyfuse3.Operations):
             await self.files.release(fh)
             self._drop_corrupt(corrupt, ino)
             raise FsError(errno.ENOENT)  # now a miss: the compiler rebuilds the entry
-        self.stats.inc("opens_total", layout=self.layouts.get(ino, OTHER_LAYOUT))
+        self.stats.inc(
+            "opens_total",
+            layout=self.layouts.get(ino, OTHER_LAYOUT),
+            tree=self.trees.get(ino, SHARED_TREE),
+        )
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
