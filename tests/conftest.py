@@ -212,6 +212,15 @@ def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
 
 
 @pytest.fixture
+def traversable_tmp(tmp_path: Path) -> None:
+    """Let other users reach the mountpoints: pytest's temp dirs are 0700."""
+    for directory in (tmp_path, *tmp_path.parents):
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(0o755)
+
+
+@pytest.fixture
 def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
     """One running mount of a fresh store."""
     return make_mount()  # type: ignore[no-any-return]

@@ -14,13 +14,7 @@ import pytest
 NOBODY = 65534
 
 
-@pytest.fixture(autouse=True)
-def traversable_tmp(tmp_path: Path) -> None:
-    """Let the second user reach the mountpoints: pytest's temp dirs are 0700."""
-    for directory in (tmp_path, *tmp_path.parents):
-        if directory == Path("/tmp"):
-            break
-        directory.chmod(0o755)
+pytestmark = pytest.mark.usefixtures("traversable_tmp")
 
 
 def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
