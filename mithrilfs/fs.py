@@ -74,10 +74,6 @@ BLOCK_SIZE = 128 * 1024
 READDIR_BATCH = 256
 STATFS_BLOCK = 4096
 
-# Group and other write bits: shown on the shared tree when a non-root
-# principal is trusted (docs/security.md), dropped from clones.
-_GROUP_OTHER_WRITE = 0o022
-
 # What `layouts` records for a private root (users/<name>), whose children
 # are layout roots like the mount root's.
 _PRIVATE_ROOT = "private-root"
@@ -191,13 +187,13 @@ class Operations(pyfuse3.Operations):
     def _fuse_ino(self, ino: int) -> pyfuse3.InodeT:
         return pyfuse3.ROOT_INODE if ino == self.root else pyfuse3.InodeT(ino)
 
-    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Inode, tree: str | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = self._fuse_ino(node.id)
         attrs.generation = 0
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node))
+        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node, tree or self.trees.get(node.id)))
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
@@ -215,7 +211,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_ctime_ns = node.ctime_ns
         return attrs
 
-    def _shown_mode(self, node: Inode) -> int:
+    def _shown_mode(self, node: Inode, tree: str | None) -> int:
         """The stored mode, plus write bits on the shared tree when non-root writers are trusted.
 
         Those writers must pass the kernel's default_permissions check on
@@ -223,7 +219,7 @@ class Operations(pyfuse3.Operations):
         the daemon's trust check is then what refuses everyone else.
         """
         mode = node.mode
-        if self.trust.root_only or self.trees.get(node.id) != SHARED_TREE or stat.S_ISLNK(mode):
+        if self.trust.root_only or tree != SHARED_TREE or stat.S_ISLNK(mode):
             return mode
         granted = (mode & 0o011) << 1 if node.is_dir else (mode & 0o044) >> 1
         return mode | granted
@@ -407,6 +403,8 @@ class Operations(pyfuse3.Operations):
         content is copied); a directory that is a whole cache entry comes with
         its subtree, any other directory empty.
         """
+        if only is not None and is_transient(only):
+            return None  # a compiler's temporary name: never in the shared tree's view
         found = self._shared_counterpart(directory)
         if found is None:
             return None
@@ -701,11 +699,12 @@ class Operations(pyfuse3.Operations):
         while True:
             batch = self.index.readdir(fh, after, READDIR_BATCH)
             for entry_id, name, node in batch:
-                if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
+                tree = self._tree_below(fh, name)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node, tree), entry_id):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
                 self.layouts[node.id] = self._layout_below(fh, name)
-                self.trees[node.id] = self._tree_below(fh, name)
+                self.trees[node.id] = tree
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return

@@ -42,7 +42,17 @@ from mithrilfs.repository import INDEX_NAME, Repository
 from mithrilfs.tenancy import Trust
 from tests.conftest import MOUNT_DEADLINE, REPO, Mount, run_cli, wait_for
 
-pytestmark = pytest.mark.usefixtures("traversable_tmp")
+
+@pytest.fixture
+def open_mount(make_mount, public_dir: Path):  # type: ignore[no-untyped-def]
+    """make_mount, with the mountpoint where every test user can reach it."""
+
+    def start(*extra_args: str, **options: Any) -> Mount:
+        mount: Mount = make_mount(*extra_args, where=public_dir, **options)
+        return mount
+
+    return start
+
 
 USERS = ("mtu_a", "mtu_b", "mtu_t")
 TRUST_GROUP = "mtu_g"
@@ -130,9 +140,9 @@ def private(mount: Mount, tenant: Tenant) -> Path:
     return mount.mountpoint / "users" / tenant.name
 
 
-def test_private_tree_is_made_at_the_owners_first_lookup(make_mount, tenants) -> None:
+def test_private_tree_is_made_at_the_owners_first_lookup(open_mount, tenants) -> None:
     a, b = tenants["mtu_a"], tenants["mtu_b"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     users = mount.mountpoint / "users"
     assert stat.S_IMODE(users.stat().st_mode) == 0o711
     # Another user's name that does not exist yet is a miss, and stays one for
@@ -161,10 +171,10 @@ def test_private_tree_is_made_at_the_owners_first_lookup(make_mount, tenants) ->
 
 @pytest.mark.parametrize("trust", [None, "mtu_t", "@mtu_g"])
 def test_shared_tree_takes_writes_only_from_trusted_writers(
-    make_mount, tenants, trust: str | None
+    open_mount, tenants, trust: str | None
 ) -> None:
     a, t = tenants["mtu_a"], tenants["mtu_t"]
-    mount = make_mount("--allow-other", *(["--trust", trust] if trust else []))
+    mount = open_mount("--allow-other", *(["--trust", trust] if trust else []))
     root = mount.mountpoint
     key = mount / "triton" / "KEY"
     key.mkdir()
@@ -196,9 +206,9 @@ def test_shared_tree_takes_writes_only_from_trusted_writers(
     t.ok(f"mv {root}/triton/T {root}/triton/T2 && rm {root}/triton/T2/f")
 
 
-def test_another_user_cannot_touch_a_private_tree(make_mount, tenants) -> None:
+def test_another_user_cannot_touch_a_private_tree(open_mount, tenants) -> None:
     a, b = tenants["mtu_a"], tenants["mtu_b"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     mine = private(mount, a) / "triton" / "KEY"
     a.ok(f"mkdir {mine} && printf mine > {mine}/k.so")
     b.ok(f"test -d {private(mount, b)}")
@@ -251,9 +261,9 @@ def tree_stats(mount: Mount) -> dict[str, Any]:
     return trees
 
 
-def test_private_tree_serves_shared_entries_as_its_own_clones(make_mount, tenants) -> None:
+def test_private_tree_serves_shared_entries_as_its_own_clones(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     populate_shared(mount)
     view = private(mount, a)
     for relative, data in SHARED_FILES.items():
@@ -280,9 +290,9 @@ def test_private_tree_serves_shared_entries_as_its_own_clones(make_mount, tenant
     assert trees["shared"]["files"] == 3
 
 
-def test_listing_a_private_directory_shows_the_union(make_mount, tenants) -> None:
+def test_listing_a_private_directory_shows_the_union(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     populate_shared(mount)
     (mount / "triton" / "tmp.pid_1_2").mkdir()  # transient: never cloned
     view = private(mount, a) / "triton"
@@ -294,9 +304,9 @@ def test_listing_a_private_directory_shows_the_union(make_mount, tenants) -> Non
     assert sorted(os.listdir(mount / "triton")) == ["KEY", "tmp.pid_1_2"]
 
 
-def test_unlink_and_rename_in_a_private_tree_over_shared_names(make_mount, tenants) -> None:
+def test_unlink_and_rename_in_a_private_tree_over_shared_names(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     populate_shared(mount)
     view = private(mount, a) / "triton"
     shared_bytes = SHARED_FILES["triton/KEY/k.so"]
@@ -316,9 +326,9 @@ def test_unlink_and_rename_in_a_private_tree_over_shared_names(make_mount, tenan
     assert raised.value.errno == errno.EXDEV
 
 
-def test_a_name_new_in_the_shared_tree_reaches_a_view_that_missed_it(make_mount, tenants) -> None:
+def test_a_name_new_in_the_shared_tree_reaches_a_view_that_missed_it(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     view = private(mount, a) / "triton"
     assert a.sh(f"test -e {view}/LATE").returncode != 0  # a negative entry, kept by the kernel
     (mount / "triton" / "LATE").mkdir()
@@ -333,9 +343,9 @@ def test_a_name_new_in_the_shared_tree_reaches_a_view_that_missed_it(make_mount,
 # -- one cap over every tree -----------------------------------------------------------
 
 
-def test_eviction_removes_whole_entries_from_every_tree(make_mount, tenants) -> None:
+def test_eviction_removes_whole_entries_from_every_tree(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other", "--cap", "3M")
+    mount = open_mount("--allow-other", "--cap", "3M")
     view = private(mount, a) / "triton"
     a.ok(f"test -d {view}")
     size = 200 * 1024
@@ -375,10 +385,15 @@ TENANT_PACKAGES = (
     "trio==0.35.0",
     "redis==8.1.0",
     "zstandard==0.25.0",
+    "numpy==2.4.6",
 )
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 VENV_BUILD_TIMEOUT = 1800
-PROBE = "import torch, triton, blake3, prometheus_client"
+# Inductor starts sys.executable again (its ISA probes): that must work for them too.
+PROBE = (
+    "import subprocess, sys, torch, triton, blake3, prometheus_client; "
+    "subprocess.run([sys.executable, '-c', ''], check=True)"
+)
 
 
 @pytest.fixture(scope="session")
@@ -444,10 +459,10 @@ def env_paths(
 
 
 def test_env_and_the_hook_give_each_caller_their_tree(
-    make_mount, tenants, tenant_python: str, package_copy: Path, monkeypatch: pytest.MonkeyPatch
+    open_mount, tenants, tenant_python: str, package_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     python = tenant_python
     own = private(mount, a)
     assert env_paths(a, python, package_copy, mount) == {
@@ -496,9 +511,9 @@ def test_trust_option_forms_and_refusals(tenants) -> None:
     assert result.stderr.strip() == "mithrilfs: --trust: no such group 'mtu_no_group'"
 
 
-def test_fsck_checks_users_and_the_private_roots(make_mount, tenants) -> None:
+def test_fsck_checks_users_and_the_private_roots(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
-    mount = make_mount("--allow-other")
+    mount = open_mount("--allow-other")
     a.ok(f"test -d {private(mount, a)}")
     mount.stop()
     repo = Repository.open(mount.store, create=False)
@@ -558,7 +573,7 @@ BEFORE_TENANCY = "d67190d"
 
 
 def test_a_store_from_before_tenancy_serves_its_trees_as_the_shared_tree(
-    make_mount, tenants, tmp_path: Path
+    open_mount, tenants, tmp_path: Path
 ) -> None:
     a = tenants["mtu_a"]
     old = tmp_path / "old"
@@ -603,7 +618,7 @@ def test_a_store_from_before_tenancy_serves_its_trees_as_the_shared_tree(
                 proc.kill()
                 proc.wait()
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
-    mount = make_mount("--allow-other", store=store)
+    mount = open_mount("--allow-other", store=store)
     after = tree_snapshot(mount.mountpoint)
     assert after == before
     assert stat.S_IMODE((mount.mountpoint / "users").stat().st_mode) == 0o711
@@ -628,3 +643,161 @@ def tree_snapshot(mountpoint: Path) -> dict[str, tuple[int, bytes]]:
                     body = b""
                 found[str(path.relative_to(mountpoint))] = (st.st_mode, body)
     return found
+
+
+# -- real compilers, as the users -------------------------------------------------------
+
+
+def compiler_settings() -> dict[str, str]:
+    """What the compiler tests set besides the cache directories (tests/test_compilers.py)."""
+    from tests.test_compilers import cache_env
+
+    paths = (hooks.TRITON_VAR, hooks.INDUCTOR_VAR)
+    return {
+        key: value
+        for key, value in cache_env(Path("/")).items()
+        if key.startswith(("TORCHINDUCTOR_", "TRITON_")) and key not in paths
+    }
+
+
+def compile_as(
+    tenant: Tenant | None,
+    python: str,
+    source: Path,
+    workload: str,
+    cache: dict[str, str],
+    *args: str,
+) -> dict[str, Any]:
+    """Run a workload in a fresh process (as *tenant*, or as root); its JSON result."""
+    from tests.test_compilers import WORKLOAD_TIMEOUT
+
+    env = {
+        "PATH": f"{Path(python).parent}:/usr/bin:/bin",
+        "HOME": tenant.home if tenant is not None else os.environ.get("HOME", "/root"),
+        "PYTHONPATH": str(source),
+        **compiler_settings(),
+        **cache,
+    }
+    command = [python, str(source / "workloads" / workload), *args]
+    if tenant is None:
+        result = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=WORKLOAD_TIMEOUT, check=False
+        )
+    else:
+        result = tenant.run(*command, env=env, timeout=WORKLOAD_TIMEOUT)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    found: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return found
+
+
+def triton_files(result: dict[str, Any], suffix: str) -> list[Path]:
+    return [
+        Path(os.path.normpath(Path(result["cache_dir"]) / relative))
+        for relative in result["group_files"].values()
+        if relative.endswith(suffix)
+    ]
+
+
+def fx_counts(result: dict[str, Any]) -> tuple[int, int]:
+    counters = result["inductor"]
+    return counters.get("fxgraph_cache_hit", 0), counters.get("fxgraph_cache_miss", 0)
+
+
+@pytest.mark.compilers
+def test_two_users_compile_through_one_mount_each_in_their_own_tree(
+    open_mount, tenants, tenant_python: str, package_copy: Path
+) -> None:
+    a, b = tenants["mtu_a"], tenants["mtu_b"]
+    mount = open_mount("--allow-other")
+    runs: dict[str, dict[str, Any]] = {}
+    for user in (a, b):
+        cache = env_paths(user, tenant_python, package_copy, mount)
+        assert cache[hooks.TRITON_VAR] == f"{private(mount, user)}/triton"
+        cold = compile_as(user, tenant_python, package_copy, "triton_kernel.py", cache)
+        assert cold["cache_hit"] is False, cold
+        warm = compile_as(user, tenant_python, package_copy, "triton_kernel.py", cache)
+        assert warm["cache_hit"] is True, warm
+        assert warm["asm"] == cold["asm"]
+        graph_cold = compile_as(user, tenant_python, package_copy, "torch_mlp.py", cache)
+        assert fx_counts(graph_cold)[1] > 0, graph_cold
+        graph_warm = compile_as(user, tenant_python, package_copy, "torch_mlp.py", cache)
+        hits, misses = fx_counts(graph_warm)
+        assert hits > 0, graph_warm
+        assert misses == 0, graph_warm
+        assert graph_warm["checksum"] == graph_cold["checksum"]
+        runs[user.name] = cold
+    # Each in their own tree, nothing in the shared one; identical artifacts stored once.
+    assert os.listdir(mount / "triton") == []
+    (cubin_a,), (cubin_b,) = (
+        triton_files(runs["mtu_a"], ".cubin"),
+        triton_files(runs["mtu_b"], ".cubin"),
+    )
+    assert cubin_a.is_relative_to(private(mount, a))
+    assert cubin_b.is_relative_to(private(mount, b))
+    data = cubin_a.read_bytes()
+    assert cubin_b.read_bytes() == data
+    assert object_refcount(mount, data) >= 2
+
+    # B can do nothing to A's entry; A's next run loads A's own bytes.
+    key_dir = cubin_a.parent
+    for script in (
+        f"ls {key_dir}",
+        f"cat {cubin_a}",
+        f"printf evil > {cubin_a}",
+        f"rm -f {cubin_a}",
+        f"mv {cubin_a} {cubin_a}.old",
+        f"mkdir {key_dir}/planted",
+        f"cp {cubin_b} {key_dir}/",
+    ):
+        b.denied(script)
+    cache = env_paths(a, tenant_python, package_copy, mount)
+    again = compile_as(a, tenant_python, package_copy, "triton_kernel.py", cache)
+    assert again["cache_hit"] is True, again
+    assert again["asm"] == runs["mtu_a"]["asm"]
+    assert cubin_a.read_bytes() == data
+
+
+@pytest.mark.compilers
+@pytest.mark.parametrize("writer", ["root", "mtu_t"])
+def test_a_kernel_a_trusted_writer_compiled_is_a_hit_for_every_user(
+    open_mount, tenants, tenant_python: str, package_copy: Path, writer: str
+) -> None:
+    b = tenants["mtu_b"]
+    trusted = tenants.get(writer)
+    mount = open_mount("--allow-other", *(["--trust", writer] if trusted else []))
+    if trusted is None:
+        cli = run_cli("env", mount.mountpoint)
+        assert cli.returncode == 0, cli.stderr
+        shared_cache = dict(
+            line.removeprefix("export ").split("=", 1) for line in cli.stdout.splitlines()
+        )
+    else:
+        shared_cache = env_paths(trusted, tenant_python, package_copy, mount, "--tree", "shared")
+    assert shared_cache[hooks.TRITON_VAR] == f"{mount.mountpoint}/triton"
+    prewarm = compile_as(trusted, tenant_python, package_copy, "triton_kernel.py", shared_cache)
+    assert prewarm["cache_hit"] is False, prewarm
+    (shared_cubin,) = triton_files(prewarm, ".cubin")
+    assert shared_cubin.stat().st_uid == 0
+    shared_bytes = shared_cubin.read_bytes()
+
+    cache = env_paths(b, tenant_python, package_copy, mount)
+    first = compile_as(b, tenant_python, package_copy, "triton_kernel.py", cache)
+    assert first["cache_hit"] is True, first
+    assert first["asm"] == prewarm["asm"]
+    # B cannot change the shared entry; B's change lands in B's clone.
+    b.denied(f"printf evil > {shared_cubin}")
+    b.denied(f"rm -f {shared_cubin}")
+    # Triton's group file names absolute paths: B's clone of it still names the
+    # shared files, which B can read and nobody untrusted can change.
+    assert triton_files(first, ".cubin") == [shared_cubin]
+    own_cubin = private(mount, b) / "triton" / shared_cubin.parent.name / shared_cubin.name
+    assert own_cubin.read_bytes() == shared_bytes
+    b.ok(f"printf mine > {own_cubin}")
+    assert own_cubin.read_bytes() == b"mine"
+    assert shared_cubin.read_bytes() == shared_bytes
+    # B's own new entries land in B's tree.
+    other = compile_as(b, tenant_python, package_copy, "triton_kernel.py", cache, "--arch", "80")
+    assert other["cache_hit"] is False, other
+    (new_cubin,) = triton_files(other, ".cubin")
+    assert new_cubin.is_relative_to(private(mount, b))
+    assert not (mount / "triton" / new_cubin.parent.name).exists()
