@@ -179,6 +179,12 @@ def test_shared_tree_takes_writes_only_from_trusted_writers(
     key = mount / "triton" / "KEY"
     key.mkdir()
     (key / "k.so").write_bytes(b"root's kernel")
+    # Root alone: the stored modes, enforced by the kernel too.  Non-root
+    # writers trusted: group/other write shown, the daemon's check guards.
+    shown = 0o755 if trust is None else 0o777
+    assert stat.S_IMODE((mount / "triton").stat().st_mode) == shown
+    assert stat.S_IMODE(key.stat().st_mode) == shown
+    assert stat.S_IMODE((key / "k.so").stat().st_mode) == (0o644 if trust is None else 0o666)
     for script in (
         f"touch {root}/triton/planted",
         f"mkdir {root}/triton/PLANTED",
@@ -486,12 +492,15 @@ def test_env_and_the_hook_give_each_caller_their_tree(
     hooked = a.run(
         python,
         "-c",
-        "import json, sys, mithrilfs.hooks as h; print(json.dumps(h.activate(sys.argv[1])))",
+        "import json, sys, mithrilfs.hooks as h; "
+        "print(json.dumps([h.activate(sys.argv[1]), 'pyfuse3' in sys.modules]))",
         str(mount.mountpoint),
         env={"PATH": "/usr/bin:/bin", "HOME": a.home, "PYTHONPATH": str(package_copy)},
     )
     assert hooked.returncode == 0, hooked.stderr
-    assert json.loads(hooked.stdout)["TRITON_CACHE_DIR"] == f"{own}/triton"
+    activated, fuse_loaded = json.loads(hooked.stdout)
+    assert activated["TRITON_CACHE_DIR"] == f"{own}/triton"
+    assert not fuse_loaded  # job processes need no FUSE bindings
 
 
 # -- mount options, fsck ----------------------------------------------------------------
