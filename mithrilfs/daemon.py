@@ -32,8 +32,8 @@ from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import Remote, RemoteConfig
-from mithrilfs.repository import Repository
-from mithrilfs.stats import Stats, tree_usage
+from mithrilfs.repository import INDEX_NAME, Repository
+from mithrilfs.stats import Stats, read_tree_usage
 from mithrilfs.tenancy import Trust
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,11 @@ async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
             ops.evictor.recency.flush(ops.index)
             if trio.current_time() - last_usage > TREE_USAGE_SECONDS:
                 last_usage = trio.current_time()
-                ops.stats.tree_usage = tree_usage(ops.index.db)
+                # A walk of every tree: in a thread, on a connection of its own,
+                # so requests never wait for it.
+                ops.stats.tree_usage = await trio.to_thread.run_sync(
+                    read_tree_usage, ops.store.root / INDEX_NAME
+                )
             if (
                 ops.evictor.max_age is not None
                 and trio.current_time() - last_expiry > EXPIRY_SECONDS

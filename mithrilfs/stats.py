@@ -152,9 +152,22 @@ def tree_usage(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
     return usage
 
 
+def read_tree_usage(index_path: Path) -> dict[str, tuple[int, int]]:
+    """`tree_usage` through a connection of its own (the daemon calls it in a thread)."""
+    db = _read_only(index_path)
+    try:
+        return tree_usage(db)
+    finally:
+        db.close()
+
+
+def _read_only(index_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
+
+
 def read_saved(index_path: Path) -> Snapshot:
     """The counters and gauges a daemon last saved, read without disturbing it."""
-    db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
+    db = _read_only(index_path)
     try:
         counters = [
             (name, json.loads(labels), value)

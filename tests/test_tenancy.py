@@ -294,6 +294,10 @@ def test_private_tree_serves_shared_entries_as_its_own_clones(open_mount, tenant
     trees = tree_stats(mount)
     assert trees["mtu_a"]["files"] == 3
     assert trees["shared"]["files"] == 3
+    text = run_cli("stats", "--store", mount.store)
+    assert text.returncode == 0, text.stderr
+    assert "tree mtu_a" in text.stdout
+    assert "from shared" in text.stdout
 
 
 def test_listing_a_private_directory_shows_the_union(open_mount, tenants) -> None:
