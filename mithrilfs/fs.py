@@ -77,6 +77,8 @@ STATFS_BLOCK = 4096
 # What `layouts` records for a private root (users/<name>), whose children
 # are layout roots like the mount root's.
 _PRIVATE_ROOT = "private-root"
+# The tree label of misses in users/ (names nobody has a tree for).
+_USERS_LABEL = USERS_DIR.decode()
 
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
@@ -491,8 +493,9 @@ class Operations(pyfuse3.Operations):
             node = self._make_private_root(name, ctx)
             if node is None:
                 # Not cached: the kernel's dentries are everyone's, and this
-                # name may be made at its owner's first lookup.
-                self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
+                # name may be made at its owner's first lookup.  Counted under
+                # one label: probed names must not become counter rows.
+                self.stats.inc("lookups_total", result="miss", layout=label, tree=_USERS_LABEL)
                 raise FsError(errno.ENOENT)
         if node is None and tree not in (SHARED_TREE, USERS_TREE):
             node = self._clone_from_shared(parent, only=name)
