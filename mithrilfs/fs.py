@@ -83,6 +83,11 @@ _USERS_LABEL = USERS_DIR.decode()
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
+
+class _BeingWritten(Exception):
+    """The shared tree has the name, but its file is being written."""
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -416,6 +421,8 @@ class Operations(pyfuse3.Operations):
             return None
         if only is not None:
             source = self.index.lookup(shared.id, only)
+            if source is not None and not self._clonable(only, source):
+                raise _BeingWritten
             candidates = [] if source is None else [(only, source)]
         else:
             candidates = [
@@ -498,7 +505,14 @@ class Operations(pyfuse3.Operations):
                 self.stats.inc("lookups_total", result="miss", layout=label, tree=_USERS_LABEL)
                 raise FsError(errno.ENOENT)
         if node is None and tree not in (SHARED_TREE, USERS_TREE):
-            node = self._clone_from_shared(parent, only=name)
+            try:
+                node = self._clone_from_shared(parent, only=name)
+            except _BeingWritten:
+                # A miss the kernel must not cache: once its writer closes it,
+                # the shared name is there to clone, and nothing else would
+                # tell the kernel so.
+                self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
+                raise FsError(errno.ENOENT) from None
         if node is None and self.remote is not None:
             node = await self.remote.lookup(parent, name, ctx.uid, ctx.gid)
         if node is None:

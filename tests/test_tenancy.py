@@ -35,6 +35,7 @@ import blake3
 import pytest
 
 from mithrilfs import fsck, hooks, layouts
+from mithrilfs.cli import _parse_mount_options
 from mithrilfs.errors import UserError
 from mithrilfs.index import Index
 from mithrilfs.mounts import is_stale
@@ -350,6 +351,19 @@ def test_a_name_new_in_the_shared_tree_reaches_a_view_that_missed_it(open_mount,
     )
 
 
+def test_a_shared_file_being_written_is_cloned_only_once_closed(open_mount, tenants) -> None:
+    a = tenants["mtu_a"]
+    mount = open_mount("--allow-other")
+    (mount / "inductor" / "ab").mkdir()
+    view = private(mount, a) / "inductor" / "ab"
+    with open(mount / "inductor" / "ab" / "cxyz.py", "wb") as writer:
+        writer.write(b"half")
+        writer.flush()
+        assert a.sh(f"test -e {view}/cxyz.py").returncode != 0
+        writer.write(b" and the rest")
+    assert a.ok(f"cat {view}/cxyz.py") == "half and the rest"
+
+
 # -- one cap over every tree -----------------------------------------------------------
 
 
@@ -515,6 +529,11 @@ def test_trust_option_forms_and_refusals(tenants) -> None:
     group = grp.getgrnam(TRUST_GROUP).gr_gid
     assert Trust.parse("mtu_t:@mtu_g", 0) == Trust(frozenset({0, t.uid}), frozenset({group}))
     assert Trust.parse("mtu_t,@mtu_g", 0) == Trust.parse("mtu_t:@mtu_g", 0)
+    # The fstab form survives mount(8)'s split at commas.
+    assert _parse_mount_options("allow_other,trust=mtu_t:@mtu_g,_netdev") == {
+        "allow_other": "",
+        "trust": "mtu_t:@mtu_g",
+    }
     assert Trust.parse(None, 0).root_only
     assert not Trust.parse(None, t.uid).root_only  # a mount by an ordinary user
     with pytest.raises(UserError, match="no such user 'mtu_nobody'"):
