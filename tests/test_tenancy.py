@@ -833,3 +833,19 @@ def test_a_kernel_a_trusted_writer_compiled_is_a_hit_for_every_user(
     (new_cubin,) = triton_files(other, ".cubin")
     assert new_cubin.is_relative_to(private(mount, b))
     assert not (mount / "triton" / new_cubin.parent.name).exists()
+
+    # The same for an inductor graph: the trusted writer's FX graph entry is B's hit.
+    graph = compile_as(trusted, tenant_python, package_copy, "torch_mlp.py", shared_cache)
+    assert fx_counts(graph)[1] > 0, graph
+    shared_before = {
+        path: path.read_bytes() for path in (mount / "inductor").rglob("*") if path.is_file()
+    }
+    graph_b = compile_as(b, tenant_python, package_copy, "torch_mlp.py", cache)
+    hits, misses = fx_counts(graph_b)
+    assert hits > 0, graph_b
+    assert misses == 0, graph_b
+    assert graph_b["checksum"] == graph["checksum"]
+    shared_after = {
+        path: path.read_bytes() for path in (mount / "inductor").rglob("*") if path.is_file()
+    }
+    assert shared_after == shared_before  # B's hit changed nothing in the shared tree
