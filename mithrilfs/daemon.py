@@ -28,7 +28,7 @@ from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT
-from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR
+from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import Remote, RemoteConfig
@@ -287,7 +287,7 @@ def _prepare_tree(repo: Repository, config: MountConfig) -> int:
     class_root = index.ensure_dir(SUPER_ROOT, config.device_class.encode(), 0o755, *owner)
     for name in LAYOUT_ROOTS:
         index.ensure_dir(class_root.id, name.encode(), 0o755, *owner)
-    index.ensure_dir(class_root.id, USERS_DIR, 0o711, 0, 0)
+    index.ensure_dir(class_root.id, USERS_DIR, USERS_MODE, 0, 0)
     return class_root.id
 
 

@@ -43,21 +43,18 @@ from mithrilfs.index import (
     Inode,
 )
 from mithrilfs.layouts import (
-    LAYOUT_ROOTS,
     OTHER_LAYOUT,
     SHARED_TREE,
     USERS_DIR,
     USERS_TREE,
-    is_entry_root,
-    is_in_entry,
-    is_transient,
     layout_of,
 )
 from mithrilfs.openfiles import OpenFiles
 from mithrilfs.remote import Remote
 from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
-from mithrilfs.tenancy import Trust, primary_gid, tree_name
+from mithrilfs.tenancy import Trust
+from mithrilfs.trees import BeingWritten, Trees
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +79,6 @@ _USERS_LABEL = USERS_DIR.decode()
 
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
-
-
-class _BeingWritten(Exception):
-    """The shared tree has the name, but its file is being written."""
 
 
 P = ParamSpec("P")
@@ -167,10 +160,10 @@ class Operations(pyfuse3.Operations):
         self.dir_handles = 0
         # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
         # the kernel holds: for the per-tree counters and the presentation.
-        self.trees: dict[int, str] = {}
+        self.held_trees: dict[int, str] = {}
         self.trust = trust if trust is not None else Trust(frozenset({0, os.geteuid()}))
-        users = index.lookup(root, USERS_DIR)
-        self.users = users.id if users is not None else None
+        self.trees = Trees(index, root, self.trust, stats, is_busy=self.files.is_being_written)
+        self.users = self.trees.users
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
         # The shared tier, consulted on a local miss; with it, a name the
@@ -200,7 +193,7 @@ class Operations(pyfuse3.Operations):
         attrs.generation = 0
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node, tree or self.trees.get(node.id)))
+        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node, tree or self.held_trees.get(node.id)))
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
@@ -239,7 +232,7 @@ class Operations(pyfuse3.Operations):
         if layout is not None:
             self.layouts[node.id] = layout
         if tree is not None:
-            self.trees[node.id] = tree
+            self.held_trees[node.id] = tree
         return self._attrs(node)
 
     def _layout_below(self, parent: int, name: bytes) -> str:
@@ -254,7 +247,7 @@ class Operations(pyfuse3.Operations):
             return USERS_TREE if name == USERS_DIR else SHARED_TREE
         if parent == self.users:
             return name.decode(errors="replace")
-        return self.trees.get(parent, SHARED_TREE)
+        return self.held_trees.get(parent, SHARED_TREE)
 
     def _is_held(self, ino: int) -> bool:
         """Asked by eviction before it drops *ino*'s content."""
@@ -334,116 +327,14 @@ class Operations(pyfuse3.Operations):
         if self.read_only:
             raise FsError(errno.EROFS)
 
-    # -- tenancy: who may change what, and the union over the shared tree -----
+    # -- tenancy: trees.py decides, the handlers ask ---------------------------
 
     def _check_change(
         self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> tuple[str, int, int]:
-        """Refuse a change of *name* in *parent* that the caller may not make.
-
-        Returns the tree and the owner (uid, gid) that new nodes there get:
-        uid 0 in the shared tree, whoever made them; the tree's owner in a
-        private tree.
-        """
+        """The tree of *name* in *parent* and the owner new nodes there get, if allowed."""
         self._writable()
-        if parent == self.users or (parent == self.root and name == USERS_DIR):
-            raise FsError(errno.EPERM)  # only the daemon makes private trees
-        tree, names = self.index.tree_path(parent)
-        if tree == SHARED_TREE:
-            if not self.trust.allows(ctx.uid, ctx.gid, ctx.pid):
-                raise FsError(errno.EACCES)
-            return tree, 0, 0
-        owner = self._private_root(tree)
-        if tree == USERS_TREE or not names or owner is None:
-            raise FsError(errno.EPERM)  # a private root's layout is the daemon's
-        if ctx.uid not in (0, owner.uid):
-            raise FsError(errno.EACCES)
-        return tree, owner.uid, owner.gid
-
-    def _check_node_change(self, ino: int, ctx: pyfuse3.RequestContext) -> None:
-        """Refuse a change of *ino*'s content or attributes that the caller may not make."""
-        if ino == self.root:
-            self._check_change(self.root, b"", ctx)
-            return
-        link = self.index.link_of(ino)
-        if link is not None:  # an unlinked file is reached only through a checked handle
-            self._check_change(*link, ctx)
-
-    def _private_root(self, tree: str) -> Inode | None:
-        if self.users is None:
-            return None
-        return self.index.lookup(self.users, tree.encode())
-
-    def _make_private_root(self, name: bytes, ctx: pyfuse3.RequestContext) -> Inode | None:
-        """The caller's own private tree, made at their first lookup of it."""
-        if self.users is None or name != tree_name(ctx.uid).encode():
-            return None
-        gid = primary_gid(ctx.uid, ctx.gid)
-        with self.index.transaction():
-            root = self.index.make_node(self.users, name, stat.S_IFDIR | 0o700, ctx.uid, gid)
-            for layout in LAYOUT_ROOTS:
-                self.index.make_node(root.id, layout.encode(), stat.S_IFDIR | 0o755, ctx.uid, gid)
-        log.info("made the private tree users/%s", name.decode(errors="replace"))
-        return self.index.get(root.id)
-
-    def _shared_counterpart(self, directory: int) -> tuple[str, list[bytes], Inode] | None:
-        """(tree, names, shared directory) for a private directory the union applies to.
-
-        Not for a private root (its layout is fixed) nor inside a cache entry:
-        an entry comes whole from one tree, never half from each.
-        """
-        tree, names = self.index.tree_path(directory)
-        if tree in (SHARED_TREE, USERS_TREE) or not names or is_in_entry(names):
-            return None
-        shared = self.index.walk(self.root, names)
-        return None if shared is None else (tree, names, shared)
-
-    def _clonable(self, name: bytes, node: Inode) -> bool:
-        return not is_transient(name) and not (
-            node.is_file and self.files.is_being_written(node.id)
-        )
-
-    def _clone_from_shared(self, directory: int, only: bytes | None = None) -> Inode | None:
-        """Clone shared names missing in a private *directory* (all of them, or *only*).
-
-        Returns the clone of *only*.  Files refer to the shared objects (no
-        content is copied); a directory that is a whole cache entry comes with
-        its subtree, any other directory empty.
-        """
-        if only is not None and is_transient(only):
-            return None  # a compiler's temporary name: never in the shared tree's view
-        found = self._shared_counterpart(directory)
-        if found is None:
-            return None
-        tree, names, shared = found
-        owner = self._private_root(tree)
-        if owner is None:
-            return None
-        if only is not None:
-            source = self.index.lookup(shared.id, only)
-            if source is not None and not self._clonable(only, source):
-                raise _BeingWritten
-            candidates = [] if source is None else [(only, source)]
-        else:
-            candidates = [
-                (name, node) for _id, name, node in self.index.readdir(shared.id, -1, 1 << 62)
-            ]
-        cloned: Inode | None = None
-        with self.index.transaction():
-            for name, source in candidates:
-                if not self._clonable(name, source) or self.index.lookup(directory, name):
-                    continue
-                cloned = self.index.clone(
-                    directory,
-                    name,
-                    source,
-                    owner.uid,
-                    owner.gid,
-                    whole=source.is_dir and is_entry_root([*names, name]),
-                    skip=lambda node: node.is_file and self.files.is_being_written(node.id),
-                )
-                self.stats.inc("shared_hits_total", tree=tree)
-        return cloned
+        return self.trees.check_change(parent, name, ctx.uid, ctx.gid, ctx.pid)
 
     def _shared_name_appeared(self, parent: int, name: bytes) -> None:
         """A name appeared in a shared directory: drop negative entries in private views.
@@ -451,15 +342,9 @@ class Operations(pyfuse3.Operations):
         Only directories the kernel holds can have cached entries below them
         (and before the FUSE handshake nothing may be notified).
         """
-        if is_transient(name) or self.users is None:
-            return
-        tree, names = self.index.tree_path(parent)
-        if tree != SHARED_TREE or not names:
-            return
-        for _name, private_root in self.index.private_roots(self.root):
-            view = self.index.walk(private_root, names)
-            if view is not None and view.id in self.lookups:
-                pyfuse3.invalidate_entry_async(self._fuse_ino(view.id), name, ignore_enoent=True)
+        for view in self.trees.views_of(parent, name):
+            if view in self.lookups:
+                pyfuse3.invalidate_entry_async(self._fuse_ino(view), name, ignore_enoent=True)
 
     def _maybe_free(self, ino: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -497,7 +382,7 @@ class Operations(pyfuse3.Operations):
         label = layout if layout != _PRIVATE_ROOT else OTHER_LAYOUT
         node = self.index.lookup(parent, name)
         if node is None and parent == self.users:
-            node = self._make_private_root(name, ctx)
+            node = self.trees.make_private_root(name, ctx.uid, ctx.gid)
             if node is None:
                 # Not cached: the kernel's dentries are everyone's, and this
                 # name may be made at its owner's first lookup.  Counted under
@@ -506,8 +391,8 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.ENOENT)
         if node is None and tree not in (SHARED_TREE, USERS_TREE):
             try:
-                node = self._clone_from_shared(parent, only=name)
-            except _BeingWritten:
+                node = self.trees.clone_missing(parent, only=name)
+            except BeingWritten:
                 # A miss the kernel must not cache: once its writer closes it,
                 # the shared name is there to clone, and nothing else would
                 # tell the kernel so.
@@ -537,7 +422,7 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self.layouts.pop(ino, None)
-            self.trees.pop(ino, None)
+            self.held_trees.pop(ino, None)
             self._maybe_free(ino)
 
     @guarded
@@ -556,7 +441,8 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         ino = self._ino(inode)
-        self._check_node_change(ino, ctx)
+        self._writable()
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
         node = self.index.get(ino)
         now = time.time_ns()
         if fields.update_size:
@@ -703,8 +589,8 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(inode)
         if not self.index.get(ino).is_dir:
             raise FsError(errno.ENOTDIR)
-        if self.trees.get(ino, SHARED_TREE) not in (SHARED_TREE, USERS_TREE):
-            self._clone_from_shared(ino)  # a listing shows the union
+        if self.held_trees.get(ino, SHARED_TREE) not in (SHARED_TREE, USERS_TREE):
+            self.trees.clone_missing(ino)  # a listing shows the union
         self.dir_handles += 1
         return pyfuse3.FileHandleT(ino)
 
@@ -721,7 +607,7 @@ class Operations(pyfuse3.Operations):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
                 self.layouts[node.id] = self._layout_below(fh, name)
-                self.trees[node.id] = tree
+                self.held_trees[node.id] = tree
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return
@@ -764,12 +650,8 @@ class Operations(pyfuse3.Operations):
         # writes themselves are refused.
         if flags & os.O_TRUNC:
             self._writable()
-        if flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY:
-            try:
-                self._check_node_change(ino, ctx)
-            except FsError as exc:
-                if exc.errno != errno.EROFS:
-                    raise
+        if not self.read_only and (flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY):
+            self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
         node = self.index.get(ino)
         if not node.is_file:
             raise FsError(errno.EISDIR)
@@ -787,7 +669,7 @@ class Operations(pyfuse3.Operations):
         self.stats.inc(
             "opens_total",
             layout=self.layouts.get(ino, OTHER_LAYOUT),
-            tree=self.trees.get(ino, SHARED_TREE),
+            tree=self.held_trees.get(ino, SHARED_TREE),
         )
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)

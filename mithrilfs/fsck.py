@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mithrilfs.index import SUPER_ROOT, Index, Inode
-from mithrilfs.layouts import USERS_DIR
+from mithrilfs.layouts import PRIVATE_ROOT_MODE, USERS_DIR, USERS_MODE
 from mithrilfs.store import EMPTY_DIGEST, ContentStore
 from mithrilfs.tenancy import tree_owner
 
@@ -143,10 +143,6 @@ def check(
     _check_cache_entries(index, report)
     _check_private_trees(index, report)
     return report
-
-
-USERS_MODE = 0o711
-PRIVATE_ROOT_MODE = 0o700
 
 
 def _check_private_trees(index: Index, report: Report) -> None:

@@ -34,6 +34,10 @@ USERS_DIR = b"users"
 SHARED_TREE = "shared"
 # The tree of the `users` directory itself: no tree, only the daemon writes there.
 USERS_TREE = ""
+# users/ is root's: anyone may pass through it, nobody but root may list it.
+USERS_MODE = 0o711
+# users/<name> is the user's and nobody else's.
+PRIVATE_ROOT_MODE = 0o700
 
 
 @dataclass(frozen=True)
