@@ -39,8 +39,9 @@ from mithrilfs.tenancy import Trust
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
-# Per-tree usage for /metrics walks every tree: a slow pace, off the request path.
-TREE_USAGE_SECONDS = 60.0
+# Per-tree usage for /metrics walks every tree: a slow pace, off the request path
+# (tests shorten it, docs/eviction.md).
+TREE_USAGE_SECONDS = float(os.environ.get("MITHRILFS_TREE_USAGE_SECONDS", "60"))
 SYSLOG_SOCKET = "/dev/log"
 # How often max_age is enforced; tests shorten it (docs/eviction.md).
 EXPIRY_SECONDS = float(os.environ.get("MITHRILFS_EXPIRY_SECONDS", "60"))

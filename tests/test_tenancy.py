@@ -301,6 +301,35 @@ def test_private_tree_serves_shared_entries_as_its_own_clones(open_mount, tenant
     assert "from shared" in text.stdout
 
 
+def test_metrics_break_usage_and_hits_down_per_tree(
+    open_mount, tenants, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_stats import fetch_metrics, free_port, parse_samples, sample
+
+    a = tenants["mtu_a"]
+    monkeypatch.setenv("MITHRILFS_TREE_USAGE_SECONDS", "0.2")
+    port = free_port()
+    mount = open_mount("--allow-other", "--metrics-listen", f"127.0.0.1:{port}")
+    populate_shared(mount)
+    a.ok(f"cat {private(mount, a)}/triton/KEY/k.so > /dev/null")
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return parse_samples(fetch_metrics(port)[0])
+
+    wait_for(
+        lambda: sample(scrape(), "mithrilfs_tree_files", tree="mtu_a") == 2,
+        DEADLINE,
+        "the private tree's files in /metrics",
+    )
+    samples = scrape()
+    assert sample(samples, "mithrilfs_tree_files", tree="shared") == 3
+    size = len(SHARED_FILES["triton/KEY/k.so"]) + len(SHARED_FILES["triton/KEY/__grp__k.json"])
+    assert sample(samples, "mithrilfs_tree_logical_bytes", tree="mtu_a") == size
+    assert sample(samples, "mithrilfs_shared_hits_total", tree="mtu_a") >= 1
+    assert sample(samples, "mithrilfs_lookups_total", tree="mtu_a", result="hit") >= 1
+    assert sample(samples, "mithrilfs_opens_total", tree="mtu_a") >= 1
+
+
 def test_listing_a_private_directory_shows_the_union(open_mount, tenants) -> None:
     a = tenants["mtu_a"]
     mount = open_mount("--allow-other")
