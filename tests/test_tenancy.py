@@ -45,8 +45,12 @@ from tests.conftest import MOUNT_DEADLINE, REPO, Mount, run_cli, wait_for
 
 
 @pytest.fixture
-def open_mount(make_mount, public_dir: Path):  # type: ignore[no-untyped-def]
-    """make_mount, with the mountpoint where every test user can reach it."""
+def open_mount(public_dir: Path, make_mount):  # type: ignore[no-untyped-def]
+    """make_mount, with the mountpoint where every test user can reach it.
+
+    public_dir comes first: set up before make_mount, it is torn down after
+    the mounts are gone, when their mountpoints can be removed.
+    """
 
     def start(*extra_args: str, **options: Any) -> Mount:
         mount: Mount = make_mount(*extra_args, where=public_dir, **options)
