@@ -33,6 +33,7 @@ from mithrilfs.repository import (
     holder_pid,
     store_in_use,
 )
+from mithrilfs.tenancy import Trust
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig
@@ -197,12 +198,20 @@ def _parser() -> argparse.ArgumentParser:
         "(default 0.2; plus fetch time for large entries)",
     )
     mount.add_argument(
+        "--trust",
+        metavar="USER|@GROUP,...",
+        help="who besides root and the mounting user may write the shared tree "
+        "(MOUNT/triton, MOUNT/inductor): user and @group names, separated by commas "
+        "or colons (fstab: trust=alice:@mlops); everyone else writes only their own "
+        "tree, MOUNT/users/NAME (docs/security.md)",
+    )
+    mount.add_argument(
         "-o",
         dest="mount_options",
         default="",
         help="comma-separated mount options: allow_other, ro, "
         "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
-        "remote_timeout=SECONDS, remote_password_file=FILE (fstab form)",
+        "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP (fstab form)",
     )
     mount.add_argument(
         "--log-level",
@@ -255,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
         "env",
         help="print the export lines that point the compilers at a mount",
         description="Print shell export lines for TRITON_CACHE_DIR and "
-        'TORCHINDUCTOR_CACHE_DIR; use as: eval "$(mithrilfs env MOUNTPOINT)"',
+        "TORCHINDUCTOR_CACHE_DIR in the caller's tree; use as: "
+        'eval "$(mithrilfs env MOUNTPOINT)"',
     )
     env.add_argument(
         "mountpoint",
@@ -263,6 +273,14 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         default=None,
         help=f"the mount (default $MITHRILFS_MOUNT or {DEFAULT_MOUNTPOINT})",
+    )
+    env.add_argument(
+        "--tree",
+        choices=hooks.TREES,
+        default=None,
+        help="shared: MOUNT/{triton,inductor} (trusted pre-warm jobs); private: "
+        "MOUNT/users/NAME/{triton,inductor}. Default: shared for root and the mount's "
+        "owner, private for everyone else (or $MITHRILFS_TREE)",
     )
     env.set_defaults(command=_cmd_env)
 
@@ -335,6 +353,7 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         max_age=_optional(settings.get("max_age", options.max_age), parse_duration),
         metrics_listen=settings.get("metrics_listen", options.metrics_listen),
         remote=_remote(settings, options),
+        trust=Trust.parse(settings.get("trust", options.trust), os.geteuid()),
     )
     if config.metrics_listen:
         parse_listen(config.metrics_listen)  # refuse a bad address before mounting
@@ -382,6 +401,7 @@ def _parse_mount_options(text: str) -> dict[str, str]:
         "remote",
         "remote_timeout",
         "remote_password_file",
+        "trust",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -517,7 +537,11 @@ def _cmd_stats(options: argparse.Namespace) -> int:
 
 def _cmd_env(options: argparse.Namespace) -> int:
     mountpoint = options.mountpoint or Path(os.environ.get("MITHRILFS_MOUNT") or DEFAULT_MOUNTPOINT)
-    sys.stdout.write(hooks.env_lines(os.fspath(mountpoint.absolute())))
+    try:
+        lines = hooks.env_lines(os.fspath(mountpoint.absolute()), options.tree)
+    except hooks.UnknownTree as exc:
+        raise UserError(f"{exc} (from --tree or ${hooks.TREE_ENV})", 2) from None
+    sys.stdout.write(lines)
     return 0
 
 

@@ -28,16 +28,20 @@ from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT
-from mithrilfs.layouts import LAYOUT_ROOTS
+from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import Remote, RemoteConfig
-from mithrilfs.repository import Repository
-from mithrilfs.stats import Snapshot, Stats
+from mithrilfs.repository import INDEX_NAME, Repository
+from mithrilfs.stats import Snapshot, Stats, read_tree_usage
+from mithrilfs.tenancy import Trust
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+# Per-tree usage for /metrics walks every tree: a slow pace, off the request path
+# (tests shorten it, docs/eviction.md).
+TREE_USAGE_SECONDS = float(os.environ.get("MITHRILFS_TREE_USAGE_SECONDS", "60"))
 SYSLOG_SOCKET = "/dev/log"
 # How often max_age is enforced; tests shorten it (docs/eviction.md).
 EXPIRY_SECONDS = float(os.environ.get("MITHRILFS_EXPIRY_SECONDS", "60"))
@@ -57,6 +61,7 @@ class MountConfig:
     max_age: float | None = None
     metrics_listen: str | None = None
     remote: RemoteConfig | None = None  # the shared tier (--remote)
+    trust: Trust | None = None  # writers of the shared tree; None: root and the mounting user
     extra_fuse_options: set[str] = field(default_factory=set)
 
 
@@ -144,6 +149,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             max_age=config.max_age,
             read_only=config.read_only,
             remote=remote,
+            trust=config.trust,
         )
         collector = SnapshotCollector(config.device_class)
         # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
@@ -155,7 +161,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         admin = control.AdminService(
             ops.evictor,
             root,
-            access.default_authorize(os.geteuid()),
+            access.authorize_by(ops.trust),
             current=lambda: _save_stats(ops, collector),
         )
         repo.mark_in_use()
@@ -224,12 +230,20 @@ async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
     """Batched work kept off the request path: recency, expiry, counters, and
     freeing the unlinked inodes whose free failed (a busy or full index)."""
     last_expiry = 0.0
+    last_usage = -TREE_USAGE_SECONDS
     while True:
         await trio.sleep(HOUSEKEEPING_SECONDS)
         if ops.unfreed and not ops.retry_frees():
             log.info("freed the inodes whose earlier free had failed")
         try:
             ops.evictor.recency.flush(ops.index)
+            if trio.current_time() - last_usage > TREE_USAGE_SECONDS:
+                last_usage = trio.current_time()
+                # A walk of every tree: in a thread, on a connection of its own,
+                # so requests never wait for it.
+                ops.stats.tree_usage = await trio.to_thread.run_sync(
+                    read_tree_usage, ops.store.root / INDEX_NAME
+                )
             if (
                 ops.evictor.max_age is not None
                 and trio.current_time() - last_expiry > EXPIRY_SECONDS
@@ -285,12 +299,18 @@ async def _terminate_on_signal() -> None:
 
 
 def _prepare_tree(repo: Repository, config: MountConfig) -> int:
-    """The class root this mount serves, with the layout roots in it."""
+    """The class root this mount serves, with the layout roots and `users/` in it.
+
+    `users/` is root's and 0711: anyone may pass through to their own tree,
+    nobody but root may list whose trees exist (docs/security.md).  A store
+    made before private trees existed gains it here and nothing else changes.
+    """
     index = repo.index
     owner = (os.geteuid(), os.getegid())
     class_root = index.ensure_dir(SUPER_ROOT, config.device_class.encode(), 0o755, *owner)
     for name in LAYOUT_ROOTS:
         index.ensure_dir(class_root.id, name.encode(), 0o755, *owner)
+    index.ensure_dir(class_root.id, USERS_DIR, USERS_MODE, 0, 0)
     return class_root.id
 
 

@@ -429,6 +429,8 @@ def _mount_at(host: Host, mountpoint: Path) -> MountEntry | None:
 
 def check_cache_var(host: Host, variable: str, mountpoint: Path, layout: str) -> Check:
     expected = os.fspath(mountpoint / layout)
+    # The caller's own tree is as right as the shared one (docs/security.md).
+    own = os.path.join(hooks.tree_root(os.fspath(mountpoint), "private"), layout)
     fix = f'eval "$(mithrilfs env {mountpoint})"'
     value = host.environ().get(variable)
     if not value:
@@ -436,7 +438,7 @@ def check_cache_var(host: Host, variable: str, mountpoint: Path, layout: str) ->
             variable, "unset in this shell: the compiler caches in /tmp or ~, not the mount", fix
         )
     path = os.path.normpath(os.path.abspath(value))
-    if path == expected or path.startswith(expected + "/"):
+    if any(path == root or path.startswith(root + "/") for root in (expected, own)):
         return ok(variable, f"{value} is in the mount")
     if path.startswith(os.fspath(mountpoint) + "/"):
         return warn(variable, f"{value} is in the mount but not under {layout}/", fix)

@@ -9,6 +9,11 @@ traceback and answered with EIO so that the mount stays up.
 
 The kernel sees inode 1 as the root; here that is the root directory of the
 mount's device class.  Every other inode number is the index's own.
+
+Tenancy (docs/security.md): every change of a name or of content is checked
+against the tree it is in: the shared tree takes changes from trusted
+writers only, `users/` and the private roots from nobody; a name missing in
+a private directory is cloned from the shared tree at its first lookup.
 """
 
 from __future__ import annotations
@@ -37,11 +42,19 @@ from mithrilfs.index import (
     Index,
     Inode,
 )
-from mithrilfs.layouts import OTHER_LAYOUT, layout_of
+from mithrilfs.layouts import (
+    OTHER_LAYOUT,
+    SHARED_TREE,
+    USERS_DIR,
+    USERS_TREE,
+    layout_of,
+)
 from mithrilfs.openfiles import OpenFiles
 from mithrilfs.remote import Remote
 from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
+from mithrilfs.tenancy import Trust
+from mithrilfs.trees import BeingWritten, Trees
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +71,15 @@ BLOCK_SIZE = 128 * 1024
 READDIR_BATCH = 256
 STATFS_BLOCK = 4096
 
+# What `layouts` records for a private root (users/<name>), whose children
+# are layout roots like the mount root's.
+_PRIVATE_ROOT = "private-root"
+# The tree label of misses in users/ (names nobody has a tree for).
+_USERS_LABEL = USERS_DIR.decode()
+
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -111,6 +131,7 @@ class Operations(pyfuse3.Operations):
         max_age: float | None = None,
         read_only: bool = False,
         remote: Remote | None = None,
+        trust: Trust | None = None,
     ):
         super().__init__()
         self.index = index
@@ -137,6 +158,12 @@ class Operations(pyfuse3.Operations):
         # for the per-layout counters.
         self.layouts: dict[int, str] = {}
         self.dir_handles = 0
+        # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
+        # the kernel holds: for the per-tree counters and the presentation.
+        self.held_trees: dict[int, str] = {}
+        self.trust = trust if trust is not None else Trust(frozenset({0, os.geteuid()}))
+        self.trees = Trees(index, root, self.trust, stats, is_busy=self.files.is_being_written)
+        self.users = self.trees.users
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
         # Unlinked inodes nobody holds whose free failed; retried by housekeeping.
@@ -162,13 +189,13 @@ class Operations(pyfuse3.Operations):
     def _fuse_ino(self, ino: int) -> pyfuse3.InodeT:
         return pyfuse3.ROOT_INODE if ino == self.root else pyfuse3.InodeT(ino)
 
-    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Inode, tree: str | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = self._fuse_ino(node.id)
         attrs.generation = 0
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_mode = pyfuse3.ModeT(node.mode)
+        attrs.st_mode = pyfuse3.ModeT(self._shown_mode(node, tree or self.held_trees.get(node.id)))
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
@@ -186,17 +213,43 @@ class Operations(pyfuse3.Operations):
         attrs.st_ctime_ns = node.ctime_ns
         return attrs
 
-    def _remember(self, node: Inode, layout: str | None = None) -> pyfuse3.EntryAttributes:
+    def _shown_mode(self, node: Inode, tree: str | None) -> int:
+        """The stored mode, plus write bits on the shared tree when non-root writers are trusted.
+
+        Those writers must pass the kernel's default_permissions check on
+        uid 0's directories and files (inductor reopens lock files O_RDWR);
+        the daemon's trust check is then what refuses everyone else.
+        """
+        mode = node.mode
+        if self.trust.root_only or tree != SHARED_TREE or stat.S_ISLNK(mode):
+            return mode
+        granted = (mode & 0o011) << 1 if node.is_dir else (mode & 0o044) >> 1
+        return mode | granted
+
+    def _remember(
+        self, node: Inode, layout: str | None = None, tree: str | None = None
+    ) -> pyfuse3.EntryAttributes:
         """Reply with an entry the kernel will now hold: count it."""
         self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
         if layout is not None:
             self.layouts[node.id] = layout
+        if tree is not None:
+            self.held_trees[node.id] = tree
         return self._attrs(node)
 
     def _layout_below(self, parent: int, name: bytes) -> str:
-        if parent == self.root:
+        if parent == self.root or self.layouts.get(parent) == _PRIVATE_ROOT:
             return layout_of(name)
+        if parent == self.users:
+            return _PRIVATE_ROOT  # its children are the layout roots of that tree
         return self.layouts.get(parent, OTHER_LAYOUT)
+
+    def _tree_below(self, parent: int, name: bytes) -> str:
+        if parent == self.root:
+            return USERS_TREE if name == USERS_DIR else SHARED_TREE
+        if parent == self.users:
+            return name.decode(errors="replace")
+        return self.held_trees.get(parent, SHARED_TREE)
 
     def _is_held(self, ino: int) -> bool:
         """Asked by eviction before it drops *ino*'s content."""
@@ -216,6 +269,7 @@ class Operations(pyfuse3.Operations):
     def _appeared(self, parent: int, name: bytes) -> None:
         """A name came from the shared tier: drop a negative entry the kernel may hold."""
         pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
+        self._shared_name_appeared(parent, name)
 
     def _grew(self) -> None:
         """The store took in content (a seal, a fetch from the shared tier)."""
@@ -277,6 +331,36 @@ class Operations(pyfuse3.Operations):
         if self.read_only:
             raise FsError(errno.EROFS)
 
+    # -- tenancy: trees.py decides, the handlers ask ---------------------------
+
+    def _check_change(
+        self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> tuple[str, int, int]:
+        """The tree of *name* in *parent* and the owner new nodes there get, if allowed."""
+        self._writable()
+        return self.trees.check_change(parent, name, ctx.uid, ctx.gid, ctx.pid)
+
+    def _clone_shared(self, parent: int, name: bytes, label: str, tree: str) -> Inode | None:
+        """The shared tree's *name* cloned into the private directory *parent*, if it is there."""
+        try:
+            return self.trees.clone_missing(parent, only=name)
+        except BeingWritten:
+            # A miss the kernel must not cache: once its writer closes it, the
+            # shared name is there to clone, and nothing else would tell the
+            # kernel so.
+            self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
+            raise FsError(errno.ENOENT) from None
+
+    def _shared_name_appeared(self, parent: int, name: bytes) -> None:
+        """A name appeared in a shared directory: drop negative entries in private views.
+
+        Only directories the kernel holds can have cached entries below them
+        (and before the FUSE handshake nothing may be notified).
+        """
+        for view in self.trees.views_of(parent, name):
+            if view in self.lookups:
+                pyfuse3.invalidate_entry_async(self._fuse_ino(view), name, ignore_enoent=True)
+
     def _maybe_free(self, ino: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it.
 
@@ -327,13 +411,35 @@ class Operations(pyfuse3.Operations):
             # The kernel passes names up to 1024 bytes; POSIX wants ENAMETOOLONG, not ENOENT.
             raise FsError(errno.ENAMETOOLONG)
         layout = self._layout_below(parent, name)
+        tree = self._tree_below(parent, name)
+        label = layout if layout != _PRIVATE_ROOT else OTHER_LAYOUT
         node = self.index.lookup(parent, name)
-        if (
-            node is None
-            and self.remote is not None
-            and await self.remote.lookup(parent, name) is not None
-        ):
-            node = self.index.lookup(parent, name)  # what is there after the await
+        if node is None and parent == self.users:
+            node = self.trees.make_private_root(name, ctx.uid, ctx.gid)
+            if node is None:
+                # Not cached: the kernel's dentries are everyone's, and this
+                # name may be made at its owner's first lookup.  Counted under
+                # one label: probed names must not become counter rows.
+                self.stats.inc("lookups_total", result="miss", layout=label, tree=_USERS_LABEL)
+                raise FsError(errno.ENOENT)
+        private = tree not in (SHARED_TREE, USERS_TREE)
+        if node is None and private:
+            node = self._clone_shared(parent, name, label, tree)
+        if node is None and self.remote is not None:
+            # This tree's own namespace first (a private tree's entries follow
+            # their owner across nodes), then, below a private directory, the
+            # shared tree's, cloned like any shared name.
+            if await self.remote.lookup(parent, name) is not None:
+                node = self.index.lookup(parent, name)  # what is there after the await
+            elif private:
+                shared_parent = self.trees.shared_counterpart_dir(parent)
+                if (
+                    shared_parent is not None
+                    and await self.remote.lookup(shared_parent, name) is not None
+                ):
+                    node = self.index.lookup(parent, name) or self._clone_shared(
+                        parent, name, label, tree
+                    )
         # Verification awaits (large entries hash in a thread), and eviction
         # may remove the entry meanwhile: answer from what is there after
         # each await, never from what was there before it.
@@ -343,16 +449,16 @@ class Operations(pyfuse3.Operations):
             intact = await self._entry_intact(node.entry)
             node = self.index.lookup(parent, name)
             if not intact and node is not None:
-                self.stats.inc("lookups_total", result="miss", layout=layout)
+                self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
                 raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss
         if node is None:
-            self.stats.inc("lookups_total", result="miss", layout=layout)
+            self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = pyfuse3.InodeT(0)
             negative.entry_timeout = self.negative_timeout
             return negative
-        self.stats.inc("lookups_total", result="hit", layout=layout)
-        return self._remember(node, layout)
+        self.stats.inc("lookups_total", result="hit", layout=label, tree=tree)
+        return self._remember(node, layout, tree)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         # Not guarded: pyfuse3 gives forget no reply to carry an error, and
@@ -365,6 +471,7 @@ class Operations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self.layouts.pop(ino, None)
+            self.held_trees.pop(ino, None)
             try:
                 self._maybe_free(ino)
             except Exception:
@@ -386,8 +493,9 @@ class Operations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
         ino = self._ino(inode)
+        self._writable()
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
         node = self.index.get(ino)
         now = time.time_ns()
         if fields.update_size:
@@ -431,12 +539,14 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
+        parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         if not stat.S_ISREG(mode):
             raise FsError(errno.EPERM)
         with self.index.transaction():
-            node = self.index.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid)
-        return self._remember(node)
+            node = self.index.make_node(parent, name, mode, uid, gid)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def mkdir(
@@ -446,13 +556,12 @@ class Operations(pyfuse3.Operations):
         mode: pyfuse3.ModeT,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
         parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid
-            )
-        return self._remember(node, self._layout_below(parent, name))
+            node = self.index.make_node(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def symlink(
@@ -462,17 +571,12 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._writable()
+        parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                self._ino(parent_inode),
-                name,
-                stat.S_IFLNK | 0o777,
-                ctx.uid,
-                ctx.gid,
-                target=target,
-            )
-        return self._remember(node)
+            node = self.index.make_node(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        self._shared_name_appeared(parent, name)
+        return self._remember(node, self._layout_below(parent, name), tree)
 
     @guarded
     async def link(
@@ -484,22 +588,25 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         # Cache entries are published by rename; hard links would tie the
         # eviction of one entry to another's.
+        self._check_change(self._ino(new_parent_inode), new_name, ctx)
         raise FsError(errno.EPERM)
 
     @guarded
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._writable()
-        node = self.index.unlink(self._ino(parent_inode), name)
+        parent = self._ino(parent_inode)
+        self._check_change(parent, name, ctx)
+        node = self.index.unlink(parent, name)
         self._maybe_free(node.id)
 
     @guarded
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self._writable()
-        node = self.index.rmdir(self._ino(parent_inode), name)
+        parent = self._ino(parent_inode)
+        self._check_change(parent, name, ctx)
+        node = self.index.rmdir(parent, name)
         self._maybe_free(node.id)
 
     @guarded
@@ -512,14 +619,16 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self._writable()
+        old_parent, new_parent = self._ino(parent_inode_old), self._ino(parent_inode_new)
+        old_tree = self._check_change(old_parent, name_old, ctx)[0]
+        if self._check_change(new_parent, name_new, ctx)[0] != old_tree:
+            raise FsError(errno.EXDEV)  # a name belongs to one tree for its whole life
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise FsError(errno.EINVAL)
-        replaced = self.index.rename(
-            self._ino(parent_inode_old), name_old, self._ino(parent_inode_new), name_new, flags
-        )
+        replaced = self.index.rename(old_parent, name_old, new_parent, name_new, flags)
         if replaced is not None:
             self._maybe_free(replaced.id)
+        self._shared_name_appeared(new_parent, name_new)
         if self.remote is not None:
             # Compilers write under a temporary name and rename into place.
             self.remote.notify_renamed(self._ino(parent_inode_new), name_new)
@@ -533,6 +642,8 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(inode)
         if not self.index.get(ino).is_dir:
             raise FsError(errno.ENOTDIR)
+        if self.held_trees.get(ino, SHARED_TREE) not in (SHARED_TREE, USERS_TREE):
+            self.trees.clone_missing(ino)  # a listing shows the union
         self.dir_handles += 1
         return pyfuse3.FileHandleT(ino)
 
@@ -544,10 +655,12 @@ class Operations(pyfuse3.Operations):
         while True:
             batch = self.index.readdir(fh, after, READDIR_BATCH)
             for entry_id, name, node in batch:
-                if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id):
+                tree = self._tree_below(fh, name)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node, tree), entry_id):
                     return
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
                 self.layouts[node.id] = self._layout_below(fh, name)
+                self.held_trees[node.id] = tree
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return
@@ -571,14 +684,13 @@ class Operations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._writable()
         parent = self._ino(parent_inode)
+        tree, uid, gid = self._check_change(parent, name, ctx)
         with self.index.transaction():
-            node = self.index.make_node(
-                parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
-            )
+            node = self.index.make_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
         fh = self.files.open(node.id, flags & ~os.O_TRUNC)
-        attrs = self._remember(node, self._layout_below(parent, name))
+        self._shared_name_appeared(parent, name)
+        attrs = self._remember(node, self._layout_below(parent, name), tree)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), attrs
 
     @guarded
@@ -591,6 +703,8 @@ class Operations(pyfuse3.Operations):
         # writes themselves are refused.
         if flags & os.O_TRUNC:
             self._writable()
+        if not self.read_only and (flags & os.O_TRUNC or flags & os.O_ACCMODE != os.O_RDONLY):
+            self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
         node = self.index.get(ino)
         if not node.is_file:
             raise FsError(errno.EISDIR)
@@ -614,7 +728,11 @@ class Operations(pyfuse3.Operations):
             self.files.abandon(fh)
             self._maybe_free(ino)
             raise
-        self.stats.inc("opens_total", layout=self.layouts.get(ino, OTHER_LAYOUT))
+        self.stats.inc(
+            "opens_total",
+            layout=self.layouts.get(ino, OTHER_LAYOUT),
+            tree=self.held_trees.get(ino, SHARED_TREE),
+        )
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)
         # Content is immutable once sealed and every change passes through

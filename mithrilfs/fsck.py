@@ -11,6 +11,8 @@ Invariants (each problem found names the one it breaks):
   size      a file's size equals its object's size
   tree      every entry's parent is a directory; every directory is reachable
   entries   every linked file belongs to a cache entry, and no cache entry is empty
+  trees     users/ is root's and 0711 and holds only private roots; each private
+            root is a 0700 directory owned by the user it is named after
 
 Repair makes the store consistent again without guessing content: a file
 whose object is missing or corrupt is removed together with the rest of its
@@ -32,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from mithrilfs.index import SUPER_ROOT, Index
+from mithrilfs.index import SUPER_ROOT, Index, Inode
+from mithrilfs.layouts import PRIVATE_ROOT_MODE, USERS_DIR, USERS_MODE
 from mithrilfs.store import EMPTY_DIGEST, ContentStore
+from mithrilfs.tenancy import tree_owner
 
 _S_IFMT = 0o170000
 
@@ -137,7 +141,52 @@ def check(
 
     _check_namespace(index, content, report)
     _check_cache_entries(index, report)
+    _check_private_trees(index, report)
     return report
+
+
+def _check_private_trees(index: Index, report: Report) -> None:
+    """users/ and the private roots have the owners and modes tenancy rests on."""
+    add = report.problems.append
+    for class_name, class_root in index.class_roots():
+        users = index.lookup(class_root, USERS_DIR)
+        if users is None:
+            continue  # a store from before private trees: the next mount adds users/
+        where = f"{class_name.decode(errors='replace')}/users"
+        if not users.is_dir:
+            add(Problem("trees", f"{where} is not a directory"))
+            continue
+        if users.uid != 0 or stat.S_IMODE(users.mode) != USERS_MODE:
+            add(
+                Problem(
+                    "trees",
+                    f"{where}: owner {users.uid}, mode {stat.S_IMODE(users.mode):o} "
+                    f"(expected root, {USERS_MODE:o})",
+                    _set_owner_mode(index, users, 0, 0, USERS_MODE),
+                )
+            )
+        for _id, name, node in index.readdir(users.id, -1, 1 << 62):
+            _check_private_root(index, f"{where}/{name.decode(errors='replace')}", node, add)
+
+
+def _check_private_root(
+    index: Index, where: str, node: Inode, add: Callable[[Problem], None]
+) -> None:
+    if not node.is_dir:
+        add(Problem("trees", f"{where} is not a directory"))
+        return
+    owner = tree_owner(where.rsplit("/", 1)[1])
+    # A user deleted since keeps their tree under the old name until evicted.
+    if owner is not None and node.uid != owner:
+        add(Problem("trees", f"{where} is owned by uid {node.uid}, not by its user ({owner})"))
+    if stat.S_IMODE(node.mode) != PRIVATE_ROOT_MODE:
+        add(
+            Problem(
+                "trees",
+                f"{where}: mode {stat.S_IMODE(node.mode):o} (expected {PRIVATE_ROOT_MODE:o})",
+                _set_owner_mode(index, node, node.uid, node.gid, PRIVATE_ROOT_MODE),
+            )
+        )
 
 
 def _check_cache_entries(index: Index, report: Report) -> None:
@@ -318,6 +367,14 @@ def _set_nlink(index: Index, ino: int, nlink: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
             index.db.execute("UPDATE inodes SET nlink=? WHERE id=?", (nlink, ino))
+
+    return repair
+
+
+def _set_owner_mode(index: Index, node: Inode, uid: int, gid: int, mode: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.set_attrs(node.id, uid=uid, gid=gid, mode=stat.S_IFMT(node.mode) | mode)
 
     return repair
 

@@ -6,6 +6,12 @@ environment variables: triton and inductor read them lazily, so setting them
 before either library has used its cache is all the integration needed. It
 never imports torch or triton; it only looks at them when they are already
 loaded, to refuse switching a cache directory they have already settled on.
+
+Which tree a caller gets (docs/security.md): uid 0 and the owner of the mount
+root write the shared tree, ``MOUNT/{triton,inductor}``; everyone else their
+own private tree, ``MOUNT/users/<name>/{triton,inductor}``, which still
+serves what the shared tree holds.  ``tree="shared"`` (or
+``MITHRILFS_TREE=shared``) is for trusted pre-warm jobs.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import shlex
 import sys
 from typing import Any
 
+from mithrilfs.tenancy import tree_name
+
 __all__ = [
     "DEFAULT_MOUNT",
     "CacheDirAlreadyFixed",
     "MithrilfsNotMounted",
+    "UnknownTree",
     "activate",
     "env_lines",
 ]
@@ -27,6 +36,9 @@ DEFAULT_MOUNT = "/var/cache/mithril"
 MOUNT_ENV = "MITHRILFS_MOUNT"
 TRITON_VAR = "TRITON_CACHE_DIR"
 INDUCTOR_VAR = "TORCHINDUCTOR_CACHE_DIR"
+TREE_ENV = "MITHRILFS_TREE"
+TREES = ("shared", "private")
+USERS_DIR = "users"
 
 
 class MithrilfsNotMounted(RuntimeError):
@@ -37,11 +49,55 @@ class CacheDirAlreadyFixed(RuntimeError):
     """torch or triton already uses a different cache directory."""
 
 
-def _cache_dirs(mountpoint: str) -> dict[str, str]:
+class UnknownTree(ValueError):
+    """A tree other than "shared" or "private" was asked for."""
+
+
+def tree_root(mountpoint: str, tree: str | None = None) -> str:
+    """The directory holding this caller's ``triton/`` and ``inductor/``.
+
+    *tree* (else ``$MITHRILFS_TREE``) is "shared" or "private"; without it,
+    uid 0, the mount root's owner and the mount's other trusted writers (the
+    daemon says, on its admin socket) get the shared tree, others their own.
+    """
     mount = os.path.abspath(mountpoint)
+    choice = tree or os.environ.get(TREE_ENV) or None
+    if choice is not None and choice not in TREES:
+        raise UnknownTree(f"unknown tree '{choice}': expected one of {', '.join(TREES)}")
+    uid = os.geteuid()
+    if choice is None:
+        trusted = (
+            uid == 0
+            or (os.path.isdir(mount) and os.stat(mount).st_uid == uid)
+            or _daemon_trusts_caller(mount)
+        )
+        choice = "shared" if trusted else "private"
+    if choice == "shared":
+        return mount
+    return os.path.join(mount, USERS_DIR, tree_name(uid))
+
+
+def _daemon_trusts_caller(mount: str) -> bool:
+    """Whether the daemon serving *mount* counts this process as a trusted writer.
+
+    Asked only when the answer is not plain; any failure (no daemon, an older
+    one, a job environment without the daemon's packages) means private.
+    """
+    try:
+        from pathlib import Path
+
+        from mithrilfs import adminsock
+
+        return adminsock.ask(Path(mount), "whoami", wait=2.0).get("trusted") is True
+    except Exception:
+        return False
+
+
+def _cache_dirs(mountpoint: str, tree: str | None = None) -> dict[str, str]:
+    root = tree_root(mountpoint, tree)
     return {
-        TRITON_VAR: os.path.join(mount, "triton"),
-        INDUCTOR_VAR: os.path.join(mount, "inductor"),
+        TRITON_VAR: os.path.join(root, "triton"),
+        INDUCTOR_VAR: os.path.join(root, "inductor"),
     }
 
 
@@ -76,11 +132,14 @@ def _fixed_dirs() -> list[tuple[str, str]]:
     return fixed
 
 
-def activate(mountpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
+def activate(
+    mountpoint: str | os.PathLike[str] | None = None, tree: str | None = None
+) -> dict[str, str]:
     """Point triton and inductor at the mithrilfs mount; return what was set.
 
     The mount is ``mountpoint``, else ``$MITHRILFS_MOUNT``, else
-    ``/var/cache/mithril``. Call it before torch compiles anything.
+    ``/var/cache/mithril``; the tree as `tree_root` says. Call it before
+    torch compiles anything.
     """
     if mountpoint is None:
         mountpoint = os.environ.get(MOUNT_ENV) or DEFAULT_MOUNT
@@ -93,7 +152,7 @@ def activate(mountpoint: str | os.PathLike[str] | None = None) -> dict[str, str]
             f"(or set {MOUNT_ENV} to where it is mounted)"
         )
 
-    wanted = _cache_dirs(mount)
+    wanted = _cache_dirs(mount, tree)
     for var, current in _fixed_dirs():
         if os.path.abspath(current) != wanted[var]:
             raise CacheDirAlreadyFixed(
@@ -106,8 +165,8 @@ def activate(mountpoint: str | os.PathLike[str] | None = None) -> dict[str, str]
     return wanted
 
 
-def env_lines(mountpoint: str) -> str:
+def env_lines(mountpoint: str, tree: str | None = None) -> str:
     """Shell ``export`` lines equivalent to :func:`activate` for ``mountpoint``."""
     return "".join(
-        f"export {var}={shlex.quote(path)}\n" for var, path in _cache_dirs(mountpoint).items()
+        f"export {var}={shlex.quote(path)}\n" for var, path in _cache_dirs(mountpoint, tree).items()
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mithrilfs.errors import FsError, UserError, not_found
-from mithrilfs.layouts import entry_rule
+from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
 SCHEMA_VERSION = 1
@@ -367,6 +367,13 @@ class Index:
             is not None
         )
 
+    def link_of(self, ino: int) -> tuple[int, bytes] | None:
+        """(parent, name) of a linked inode."""
+        row = self.db.execute(
+            "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
     def parent_of(self, ino: int) -> int | None:
         row = self.db.execute("SELECT parent FROM entries WHERE inode=? LIMIT 1", (ino,)).fetchone()
         return row[0] if row else None
@@ -688,13 +695,76 @@ class Index:
 
     def _entry_key(self, ino: int, parent: int, name: bytes) -> tuple[bytes, int]:
         names, inodes = self._path_to(parent)
-        rule = entry_rule([*names, name])
+        offset, _tree = split_tree([*names, name])
+        rule = entry_rule([*names[offset:], name])
         if rule.depth is not None:
-            root = inodes[rule.depth - 1]
+            root = inodes[offset + rule.depth - 1]
             return b"d%d" % root, root
         if rule.stem is not None:
             return b"s%d/" % parent + rule.stem, parent
         return b"f%d" % ino, ino
+
+    # -- trees: the shared tree and the private ones (docs/security.md) ------
+
+    def tree_path(self, directory: int) -> tuple[str, list[bytes]]:
+        """(tree, names from that tree's root down to *directory*).
+
+        The tree is `layouts.SHARED_TREE`, a user's tree name, or
+        `layouts.USERS_TREE` for the `users` directory itself.
+        """
+        names, _inodes = self._path_to(directory)
+        offset, tree = split_tree(names)
+        return tree, names[offset:]
+
+    def walk(self, start: int, names: Iterable[bytes]) -> Inode | None:
+        """The directory reached from *start* through *names*, or None."""
+        node: Inode | None = self.get(start)
+        for name in names:
+            node = self.lookup(start, name)
+            if node is None or not node.is_dir:
+                return None
+            start = node.id
+        return node
+
+    def private_roots(self, class_root: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every private tree root under *class_root*."""
+        users = self.lookup(class_root, USERS_DIR)
+        if users is None:
+            return []
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=?", (users.id,)
+        ).fetchall()
+        return rows
+
+    def clone(
+        self,
+        parent: int,
+        name: bytes,
+        source: Inode,
+        uid: int,
+        gid: int,
+        *,
+        whole: bool,
+        skip: Callable[[Inode], bool],
+    ) -> Inode:
+        """Copy *source* (a node of the shared tree) into *parent* as *name*.
+
+        Must run inside a transaction.  A file becomes a new inode that refers
+        to the same object (no content is copied); a directory is copied with
+        its subtree when *whole*, else empty; a symlink is copied.  Copies
+        belong to *uid*/*gid* and lose the group and other write bits.  Names
+        for which *skip* is true (being written, transient) stay behind.
+        """
+        mode = (source.mode & ~0o022) if not stat.S_ISLNK(source.mode) else source.mode
+        node = self.make_node(parent, name, mode, uid, gid, target=source.target)
+        if source.is_file and source.object is not None:
+            self.set_content(node.id, source.object, source.size, source.mtime_ns)
+            node = self.get(node.id)
+        if source.is_dir and whole:
+            for _entry, child_name, child in self.readdir(source.id, -1, 1 << 62):
+                if not skip(child) and not is_transient(child_name):
+                    self.clone(node.id, child_name, child, uid, gid, whole=True, skip=skip)
+        return node
 
     def place_in_entry(self, ino: int, parent: int, name: bytes) -> int:
         """Put a file in the cache entry its path says (fsck repair; in a transaction)."""

@@ -17,6 +17,10 @@ Triton 3.9 lay them out (paths relative to the mount root):
     inductor/<xx>/<dir>/...                 a code-cache directory
 
 Any other file is an entry of its own.
+
+The same layouts repeat inside every private tree, ``users/<name>/``
+(docs/security.md): `split_tree` strips that prefix, so an entry in a
+private tree is keyed and evicted exactly like its shared counterpart.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from dataclasses import dataclass
 
 LAYOUT_ROOTS = ("triton", "inductor")
 OTHER_LAYOUT = "other"
+# The directory below the mount root that holds one private tree per user.
+USERS_DIR = b"users"
+SHARED_TREE = "shared"
+# The tree of the `users` directory itself: no tree, only the daemon writes there.
+USERS_TREE = ""
+# users/ is root's: anyone may pass through it, nobody but root may list it.
+USERS_MODE = 0o711
+# users/<name> is the user's and nobody else's.
+PRIVATE_ROOT_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -70,3 +83,37 @@ def entry_rule(parts: list[bytes]) -> EntryRule:
         if stem and not name.startswith(b"."):
             return EntryRule(stem=stem)
     return SINGLE_FILE
+
+
+def split_tree(parts: list[bytes]) -> tuple[int, str]:
+    """(components to skip, tree) of a path from the mount root.
+
+    ``users/<name>/...`` is in the private tree ``<name>`` (two components to
+    skip before the layouts start); anything else is in the shared tree.
+    """
+    if parts and parts[0] == USERS_DIR:
+        if len(parts) == 1:
+            return 1, USERS_TREE
+        return 2, parts[1].decode(errors="replace")
+    return 0, SHARED_TREE
+
+
+def is_transient(name: bytes) -> bool:
+    """Names a compiler uses only while it assembles something (never cloned).
+
+    Triton publishes each file through a ``tmp.pid_*`` directory; inductor
+    writes ``*.tmp`` files (and dotfiles) and renames them into place.
+    """
+    return name.startswith((b"tmp.", b".")) or name.endswith(b".tmp")
+
+
+def is_entry_root(parts: list[bytes]) -> bool:
+    """Whether the directory at *parts* (from a tree's root) is one whole cache entry."""
+    rule = entry_rule([*parts, b"x"])
+    return rule.depth == len(parts)
+
+
+def is_in_entry(parts: list[bytes]) -> bool:
+    """Whether the directory at *parts* (from a tree's root) is an entry or inside one."""
+    rule = entry_rule([*parts, b"x"])
+    return rule.depth is not None and rule.depth <= len(parts)

@@ -17,6 +17,11 @@ from mithrilfs.errors import UserError
 from mithrilfs.stats import COUNTERS, GAUGES, Snapshot
 
 PREFIX = "mithrilfs_"
+# Per-tree usage (stats.tree_usage), refreshed by the daemon at a slow pace.
+TREE_GAUGES = (
+    ("tree_logical_bytes", "Bytes of the files in each tree, before dedup"),
+    ("tree_files", "Files in each tree"),
+)
 
 
 class SnapshotCollector(Collector):
@@ -47,6 +52,11 @@ class SnapshotCollector(Collector):
         for name, help_text in GAUGES.items():
             gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=["device_class"])
             gauge.add_metric([self.device_class], snapshot.gauges.get(name, 0))
+            yield gauge
+        for column, (name, help_text) in enumerate(TREE_GAUGES):
+            gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=["tree", "device_class"])
+            for tree, usage in sorted(snapshot.tree_usage.items()):
+                gauge.add_metric([tree, self.device_class], usage[column])
             yield gauge
 
 

@@ -81,7 +81,6 @@ import itertools
 import json
 import logging
 import os
-import pwd
 import stat
 import threading
 import time
@@ -94,11 +93,13 @@ from typing import Any, TypeVar
 import blake3
 import trio
 
+from mithrilfs import layouts
 from mithrilfs.errors import FsError, UserError
 from mithrilfs.index import Index, Inode, check_name
 from mithrilfs.layouts import LAYOUT_ROOTS, entry_rule
 from mithrilfs.stats import Stats
 from mithrilfs.store import DIGEST_SIZE, EMPTY_DIGEST, ContentStore
+from mithrilfs.tenancy import tree_owner
 
 log = logging.getLogger(__name__)
 
@@ -922,28 +923,22 @@ def _read_verified(path: Path, digest: bytes, size: int) -> bytes | None:
 # -- the trio side: lookups, installs and the publisher --------------------------------
 
 
-PRIVATE_TREES = b"users"  # users/<name>/{triton,inductor}: one user's private tree
-
-
 def split_tree(parts: tuple[bytes, ...]) -> tuple[int, bytes | None] | None:
-    """Which tree a path from the class root is in: (how many leading components
-    name the tree, its owner's name or None for the shared tree), or None."""
-    if parts and parts[0].decode(errors="replace") in LAYOUT_ROOTS:
-        return 0, None
-    in_private = len(parts) >= 3 and parts[0] == PRIVATE_TREES
-    if in_private and parts[2].decode(errors="replace") in LAYOUT_ROOTS:
-        return 2, parts[1]
-    return None
+    """Which tree a path from the class root is in, as the tier sees it: (how many
+    leading components name the tree, its owner's name or None for the shared
+    tree), or None for a path outside the compilers' layouts."""
+    skip, tree = layouts.split_tree(list(parts))
+    rest = parts[skip:]
+    if not rest or rest[0].decode(errors="replace") not in LAYOUT_ROOTS:
+        return None
+    return (0, None) if skip == 0 else (skip, parts[1])
 
 
 def names_user(name: bytes, uid: int) -> bool:
-    """Whether a private tree called *name* belongs to *uid*: its passwd name, or the
-    decimal uid of a user with none."""
-    if name.isdigit():
-        return int(name) == uid
+    """Whether a private tree called *name* belongs to *uid*."""
     try:
-        return pwd.getpwnam(os.fsdecode(name)).pw_uid == uid
-    except (KeyError, ValueError):
+        return tree_owner(os.fsdecode(name)) == uid
+    except ValueError:
         return False
 
 

@@ -21,11 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mithrilfs.layouts import SHARED_TREE, USERS_DIR
+
 # name -> (help text, label names).  Names follow Prometheus conventions;
 # the exported metric is "mithrilfs_" + name.
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "lookups_total": ("Name lookups, by whether the name existed", ("result", "layout")),
-    "opens_total": ("Files opened", ("layout",)),
+    "lookups_total": (
+        "Name lookups, by whether the name existed (a hit from the shared tree counts here too)",
+        ("result", "layout", "tree"),
+    ),
+    "opens_total": ("Files opened", ("layout", "tree")),
+    "shared_hits_total": (
+        "Names a private tree took from the shared tree (cloned at first use)",
+        ("tree",),
+    ),
     "read_bytes_total": ("Bytes read through the mount", ()),
     "files_sealed_total": ("Files whose content was sealed into the store", ()),
     "dedup_hits_total": ("Sealed files whose content was already stored", ()),
@@ -62,6 +71,7 @@ class Stats:
     device_class: str
     counters: dict[tuple[str, LabelKey], int] = field(default_factory=dict)
     gauges: dict[str, int] = field(default_factory=dict)
+    tree_usage: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
@@ -94,6 +104,7 @@ class Stats:
                 for (name, labels), value in self.counters.items()
             ],
             gauges=dict(self.gauges),
+            tree_usage=dict(self.tree_usage),
         )
 
 
@@ -101,29 +112,88 @@ class Stats:
 class Snapshot:
     counters: list[tuple[str, dict[str, str], int]]
     gauges: dict[str, int]
+    # tree -> (bytes of files, files): computed when `stats` runs, or by the
+    # daemon at a slow pace for /metrics; never on the request path.
+    tree_usage: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+# Files below a directory, through the whole subtree.
+_SUBTREE_USAGE = (
+    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+    "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
+    "SELECT coalesce(sum(i.size), 0), count(*) FROM tree JOIN inodes i ON i.id = tree.id "
+    "WHERE i.object IS NOT NULL"
+)
+
+
+def tree_usage(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """(bytes of files, files) per tree, all device classes together.
+
+    The shared tree is a class root minus its `users/`; each private tree is
+    named by its user.  Bytes are what the files hold before dedup: an
+    object used by two trees counts in both.
+    """
+    usage: dict[str, tuple[int, int]] = {}
+
+    def add(tree: str, found: tuple[int, int]) -> None:
+        size, files = usage.get(tree, (0, 0))
+        usage[tree] = (size + found[0], files + found[1])
+
+    for (class_root,) in db.execute("SELECT inode FROM entries WHERE parent=1").fetchall():
+        whole = db.execute(_SUBTREE_USAGE, (class_root,)).fetchone()
+        private = (0, 0)
+        users = db.execute(
+            "SELECT inode FROM entries WHERE parent=? AND name=?", (class_root, USERS_DIR)
+        ).fetchone()
+        if users is not None:
+            for name, root in db.execute(
+                "SELECT name, inode FROM entries WHERE parent=?", (users[0],)
+            ).fetchall():
+                found = db.execute(_SUBTREE_USAGE, (root,)).fetchone()
+                add(name.decode(errors="replace"), found)
+                private = (private[0] + found[0], private[1] + found[1])
+        add(SHARED_TREE, (whole[0] - private[0], whole[1] - private[1]))
+    return usage
+
+
+def read_tree_usage(index_path: Path) -> dict[str, tuple[int, int]]:
+    """`tree_usage` through a connection of its own (the daemon calls it in a thread)."""
+    db = _read_only(index_path)
+    try:
+        return tree_usage(db)
+    finally:
+        db.close()
+
+
+def _read_only(index_path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
 
 
 def read_saved(index_path: Path) -> Snapshot:
     """The counters and gauges a daemon last saved, read without disturbing it."""
-    db = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
+    db = _read_only(index_path)
     try:
         counters = db.execute("SELECT name, labels, value FROM counters").fetchall()
         gauges = [
             (key.removeprefix("gauge."), value)
             for key, value in db.execute("SELECT key, value FROM meta WHERE key LIKE 'gauge.%'")
         ]
+        usage = tree_usage(db)
     finally:
         db.close()
-    return snapshot_of(counters, gauges)
+    return snapshot_of(counters, gauges, usage)
 
 
 def snapshot_of(
-    counters: Iterable[tuple[str, str, int]], gauges: Iterable[tuple[str, object]]
+    counters: Iterable[tuple[str, str, int]],
+    gauges: Iterable[tuple[str, object]],
+    usage: dict[str, tuple[int, int]] | None = None,
 ) -> Snapshot:
     """A snapshot of saved rows: (name, labels as JSON, value) and (gauge, value)."""
     return Snapshot(
         [(name, json.loads(labels), value) for name, labels, value in counters],
         {name: int(value) for name, value in gauges if isinstance(value, int | str)},
+        usage or {},
     )
 
 
@@ -135,6 +205,7 @@ def of_tree(snapshot: Snapshot, tree: str, usage: Mapping[str, int]) -> Snapshot
             **{k: v for k, v in snapshot.gauges.items() if k in ("cap_bytes", SAVED_AT_GAUGE)},
             **usage,
         },
+        {tree: (usage["logical_bytes"], usage.get("files", 0))} if "logical_bytes" in usage else {},
     )
 
 
@@ -150,13 +221,28 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
 
     layouts: dict[str, dict[str, int]] = {}
     opens_by_layout: dict[str, int] = {}
+    trees: dict[str, dict[str, int]] = {}
+
+    def tree_of(labels: dict[str, str]) -> dict[str, int]:
+        return trees.setdefault(
+            labels.get("tree") or SHARED_TREE,
+            {"hit": 0, "miss": 0, "from_shared": 0, "opens": 0, "logical_bytes": 0, "files": 0},
+        )
+
     for name, labels, value in snapshot.counters:
         if name == "lookups_total":
             layout = layouts.setdefault(labels.get("layout", "other"), {"hit": 0, "miss": 0})
             layout[labels.get("result", "miss")] += value
+            tree_of(labels)[labels.get("result", "miss")] += value
         elif name == "opens_total":
             key = labels.get("layout", "other")
             opens_by_layout[key] = opens_by_layout.get(key, 0) + value
+            tree_of(labels)["opens"] += value
+        elif name == "shared_hits_total":
+            tree_of(labels)["from_shared"] += value
+    for tree, (size, files) in snapshot.tree_usage.items():
+        counts = tree_of({"tree": tree})
+        counts["logical_bytes"], counts["files"] = size, files
     hits, misses = total("lookups_total", result="hit"), total("lookups_total", result="miss")
     gauges = snapshot.gauges
     logical, stored = gauges.get("logical_bytes", 0), gauges.get("store_bytes", 0)
@@ -173,6 +259,9 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
             },
         },
         "opens": total("opens_total"),
+        # Per tree ("shared" or a user's tree name): own hits and misses, names
+        # taken from the shared tree, opens, and the bytes and files it holds.
+        "trees": {name: dict(counts) for name, counts in sorted(trees.items())},
         "opens_by_layout": dict(sorted(opens_by_layout.items())),
         "read_bytes": total("read_bytes_total"),
         "files_sealed": total("files_sealed_total"),
@@ -211,6 +300,12 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(
             f"  {name:<11} {_percent(counts['hit_rate'])}  "
             f"({counts['hit']} hits, {counts['miss']} misses)"
+        )
+    for name, counts in summary.get("trees", {}).items():
+        lines.append(
+            f"  tree {name:<16} {counts['hit']} hits ({counts['from_shared']} from shared), "
+            f"{counts['miss']} misses, {counts['files']} files, "
+            f"{human_bytes(counts['logical_bytes'])}"
         )
     lines += [
         f"used          {human_bytes(summary['store_bytes'])} of "

@@ -10,11 +10,13 @@ with an unexpected traceback fails the test.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,9 +173,13 @@ def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
     mounts: list[Mount] = []
 
     def factory(
-        *extra_args: str, name: str = "m", store: Path | None = None, start: bool = True
+        *extra_args: str,
+        name: str = "m",
+        store: Path | None = None,
+        start: bool = True,
+        where: Path | None = None,
     ) -> Mount:
-        mountpoint = tmp_path / f"{name}-mnt"
+        mountpoint = (where or tmp_path) / f"{name}-mnt"
         mountpoint.mkdir(exist_ok=True)
         mount = Mount(mountpoint, store or tmp_path / f"{name}-store", tmp_path / f"{name}.log")
         mounts.append(mount)
@@ -209,6 +215,33 @@ def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             failures.append(f"daemon logged a traceback:\n{log}")
     if failures:
         pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def traversable_tmp(tmp_path: Path) -> None:
+    """Let other users reach the mountpoints: pytest's temp dirs are 0700."""
+    for directory in (tmp_path, *tmp_path.parents):
+        if directory == Path("/tmp"):
+            break
+        directory.chmod(0o755)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can traverse, for mountpoints that other users reach.
+
+    Outside pytest's temp root, which is 0700 and which a concurrent pytest
+    session of the same user locks again (chmod 0700) when it starts.  Only
+    empty directories are removed afterwards: never anything below a mount.
+    """
+    path = Path(tempfile.mkdtemp(prefix="mithrilfs-public-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        with contextlib.suppress(OSError):
+            child.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ def use_mount(mountpoint: Path, store: Path) -> None:
     assert entry.fstype == FSTYPE
     assert entry.source == str(store)
     (mountpoint / "triton" / "probe.json").write_bytes(b'{"ok": true}')
-    assert sorted(os.listdir(mountpoint)) == ["inductor", "triton"]
+    assert sorted(os.listdir(mountpoint)) == ["inductor", "triton", "users"]
 
 
 def mount_options(mountpoint: Path) -> list[str]:

@@ -4,6 +4,7 @@ the kernel enforcing them (default_permissions) for a real second user."""
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import subprocess
 from pathlib import Path
@@ -13,13 +14,7 @@ import pytest
 NOBODY = 65534
 
 
-@pytest.fixture(autouse=True)
-def traversable_tmp(tmp_path: Path) -> None:
-    """Let the second user reach the mountpoints: pytest's temp dirs are 0700."""
-    for directory in (tmp_path, *tmp_path.parents):
-        if directory == Path("/tmp"):
-            break
-        directory.chmod(0o755)
+pytestmark = pytest.mark.usefixtures("traversable_tmp")
 
 
 def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
@@ -49,18 +44,25 @@ def test_store_is_private_to_the_daemon_user(mount) -> None:
 
 
 def test_files_carry_the_creators_ids_and_mode(make_mount) -> None:
+    """In a user's own tree files carry the creator's ids and mode; the shared
+    tree refuses an untrusted user even where its mode would let them in."""
     mount = make_mount("--allow-other")
+    own = mount / "users" / pwd.getpwuid(NOBODY).pw_name / "triton"
+    result = as_nobody("sh", "-c", f"umask 027 && echo hi > {own}/mine && mkdir {own}/d")
+    assert result.returncode == 0, result.stderr
+    mine = (own / "mine").stat()
+    assert (mine.st_uid, mine.st_gid) == (NOBODY, NOBODY)
+    assert stat.S_IMODE(mine.st_mode) == 0o640
+    assert stat.S_IMODE((own / "d").stat().st_mode) == 0o750
     shared = mount / "triton" / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
-    result = as_nobody("sh", "-c", f"umask 027 && echo hi > {shared}/mine && mkdir {shared}/d")
-    assert result.returncode == 0, result.stderr
-    mine = (shared / "mine").stat()
-    assert (mine.st_uid, mine.st_gid) == (NOBODY, NOBODY)
-    assert stat.S_IMODE(mine.st_mode) == 0o640
-    assert stat.S_IMODE((shared / "d").stat().st_mode) == 0o750
+    refused = as_nobody("sh", "-c", f"echo hi > {shared}/mine")
+    assert refused.returncode != 0
+    assert "Permission denied" in refused.stderr
+    assert not (shared / "mine").exists()
     mount.remount()
-    assert (shared / "mine").stat().st_uid == NOBODY
+    assert (own / "mine").stat().st_uid == NOBODY
 
 
 def test_allow_other_still_enforces_modes(make_mount) -> None:

@@ -35,7 +35,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
-from mithrilfs import stats
+from mithrilfs import metrics, stats
 from mithrilfs.repository import INDEX_NAME, holder_pid
 from tests.conftest import Mount, run_cli, wait_for
 
@@ -72,7 +72,12 @@ def parse_samples(text: str) -> Samples:
 
 
 def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of *name*'s samples that carry *labels* (whatever their other labels)."""
+    return sum(
+        value
+        for (found, found_labels), value in samples.items()
+        if found == name and labels.items() <= dict(found_labels).items()
+    )
 
 
 class Observer:
@@ -510,11 +515,11 @@ def test_metrics_exposition_follows_conventions(make_mount) -> None:  # type: ig
             assert s.name == exposed_name, s
             assert s.labels["device_class"] == DEVICE_CLASS, s
             assert s.value >= 0
-    assert len(exposed) == len(stats.COUNTERS) + len(stats.GAUGES)
+    assert len(exposed) == len(stats.COUNTERS) + len(stats.GAUGES) + len(metrics.TREE_GAUGES)
     # prometheus_client writes labels sorted by name.
     assert (
-        'mithrilfs_lookups_total{device_class="cuda-sm90",layout="inductor",result="miss"} 1.0\n'
-        in text
+        'mithrilfs_lookups_total{device_class="cuda-sm90",layout="inductor",result="miss",'
+        'tree="shared"} 1.0\n' in text
     ), text
     samples = parse_samples(text)
     dc = DEVICE_CLASS
