@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ from mithrilfs.layouts import (
     is_transient,
 )
 from mithrilfs.stats import Stats
-from mithrilfs.tenancy import Trust, primary_gid, tree_name
+from mithrilfs.tenancy import Trust, primary_gid, tree_name, tree_owner
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,19 @@ class Trees:
         return self.index.lookup(self.users, tree.encode())
 
     def make_private_root(self, name: bytes, uid: int, gid: int) -> Inode | None:
-        """The caller's own private tree, made at their first lookup of it (None: not theirs)."""
-        if self.users is None or name != tree_name(uid).encode():
+        """A private tree made at its first lookup: by its owner, or by root for
+        an existing user (an administrator provisioning a tree).  None for
+        anyone else's name, so nobody can make a tree in another's name."""
+        if self.users is None:
+            return None
+        if uid == 0 and name != b"root":
+            # Only names in the user database: a probe of a number must not
+            # leave a tree behind.
+            owner = None if name.isdigit() else tree_owner(os.fsdecode(name))
+            if owner is None or tree_name(owner).encode() != name:
+                return None
+            uid, gid = owner, primary_gid(owner, gid)
+        elif name != tree_name(uid).encode():
             return None
         gid = primary_gid(uid, gid)
         with self.index.transaction():

@@ -260,20 +260,23 @@ def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:  #
     assert own["tree"] == "users/mta_a"
     assert own["logical_bytes"] == sum(len(contents[p]) for p in mine)
     assert own["store_bytes"] == own["logical_bytes"]  # distinct contents, stored once each
-    assert (own["objects"], own["entries"]) == (len(mine), len(mine))
+    # triton/KA (two files) is one cache entry, inductor/ab/cab.* another.
+    assert (own["objects"], own["entries"]) == (len(mine), 2)
     assert own["cap_bytes"] == 64 << 20
-    assert own["lookups"]["hit"] == 7  # only the rows labelled with a's tree
-    assert own["lookups"]["miss"] == 0
+    assert own["lookups"]["hit"] >= 7  # the rows labelled with a's tree, saved ones too
     assert own["files_sealed"] == 0
 
     other = json_of(b.mithrilfs("stats", mount.mountpoint, "--json"))
     assert other["tree"] == "users/mta_b"
     assert other["logical_bytes"] == 20 * KiB
-    assert other["lookups"]["hit"] == 0
 
     everything = json_of(run_cli("stats", mount.mountpoint, "--json"))
     assert everything["tree"] == ""
     assert everything["lookups"]["hit"] >= 7
+    # Each user sees exactly their own tree's counters, nobody else's.
+    for user, seen in (("mta_a", own), ("mta_b", other)):
+        theirs = everything["trees"][user]
+        assert (seen["lookups"]["hit"], seen["lookups"]["miss"]) == (theirs["hit"], theirs["miss"])
     assert everything["lookups"]["miss"] > 0
     assert everything["files_sealed"] == len(TREE_FILES)
     assert everything["logical_bytes"] == sum(TREE_FILES.values())
@@ -282,7 +285,10 @@ def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:  #
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert lines[1].startswith("tree          users/mta_a (yours")
-    assert "hit rate      100.0%  (7 hits, 0 misses)" in lines
+    hits, misses = own["lookups"]["hit"], own["lookups"]["miss"]
+    assert any(
+        line.startswith("hit rate") and f"({hits} hits, {misses} misses)" in line for line in lines
+    )
 
     # A user with nothing written yet has an empty tree, not an error.
     mount.stop()
@@ -315,13 +321,14 @@ def test_a_user_evicts_only_in_their_own_tree(make_mount, as_user) -> None:  # t
         a.mithrilfs("evict", mount.mountpoint, "--older-than", "0s", "--dry-run", "--json")
     )
     mine = {p for p in contents if p.startswith("users/mta_a/")}
-    assert {location.split("/", 1)[1] for location, _b, _t in dry["listed"]} == mine
+    listed = {location.split("/", 1)[1] for location, _b, _t in dry["listed"]}
+    assert listed == {"users/mta_a/triton/KA", "users/mta_a/inductor/ab/cab.*"}
     assert present(mount, contents) == everything
 
     evicted = json_of(
         a.mithrilfs("evict", mount.mountpoint, "--path", "users/mta_a/triton/*", "--json")
     )
-    assert evicted["entries"] == 2
+    assert evicted["entries"] == 1  # the key directory KA, whole
     assert evicted["served_by"] == f"daemon pid {mount.proc.pid}"  # type: ignore[union-attr]
     kept = everything - {p for p in mine if "/triton/" in p}
     wait_for(lambda: present(mount, contents) == kept, DEADLINE, "a's triton entries to go")

@@ -751,15 +751,12 @@ def as_user(name: str, *command: str) -> subprocess.CompletedProcess[str]:
 
 
 def make_private_tree(root: Path, name: str) -> Path:
-    """users/<name>/{triton,inductor} as the daemon makes it: the user's own, 0700."""
-    entry = pwd.getpwnam(name)
-    (root / "users").mkdir(exist_ok=True)
+    """users/<name>/{triton,inductor}: the daemon makes it at root's first lookup."""
     tree = root / "users" / name
-    tree.mkdir(exist_ok=True)
-    for directory in (tree, tree / "triton", tree / "inductor"):
-        directory.mkdir(exist_ok=True)
-        os.chown(directory, entry.pw_uid, entry.pw_gid)
-    tree.chmod(0o700)
+    entry = pwd.getpwnam(name)
+    assert owner_and_mode(tree) == (entry.pw_uid, 0o700)
+    assert (tree / "triton").is_dir()
+    assert (tree / "inductor").is_dir()
     return tree
 
 
