@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +252,51 @@ def public_dir() -> Iterator[Path]:
 def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
     """One running mount of a fresh store."""
     return make_mount()  # type: ignore[no-any-return]
+
+
+# -- an interpreter real test users can run ------------------------------------------
+#
+# The suite's own venv may sit where other users cannot read (a checkout under
+# /root, a pyenv build), so tests that run Python as a second user get a venv
+# of the system's python3.11 in a world-readable place, with the tested set of
+# packages (constraints.txt): the daemon's dependencies and the compilers.
+# Built once and reused while that set is unchanged.
+USER_VENV = Path("/var/tmp/mithrilfs-user-venv")
+SYSTEM_PYTHON = "/usr/bin/python3.11"
+USER_VENV_EXTRAS = ("torch", "triton", "numpy")
+USER_VENV_BUILD_TIMEOUT = 1800
+
+
+def _user_venv_requirements() -> list[str]:
+    with open(REPO / "pyproject.toml", "rb") as project:
+        runtime = tomllib.load(project)["project"]["dependencies"]
+    return sorted([*runtime, *USER_VENV_EXTRAS])
+
+
+@pytest.fixture(scope="session")
+def user_python() -> Path:
+    """A python every test user can run, with mithrilfs's and the compilers' packages."""
+    requirements = _user_venv_requirements()
+    constraints = REPO / "constraints.txt"
+    wanted = hashlib.sha256("\n".join(requirements).encode() + constraints.read_bytes()).hexdigest()
+    marker = USER_VENV / ".mithrilfs-complete"
+    with open(f"{USER_VENV}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        if not (marker.exists() and marker.read_text() == wanted):
+            shutil.rmtree(USER_VENV, ignore_errors=True)
+            umask = os.umask(0o022)  # world-readable, whatever the caller's umask
+            try:
+                subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(USER_VENV)], check=True)
+                built = subprocess.run(
+                    [str(USER_VENV / "bin" / "pip"), "install", "--quiet"]
+                    + ["-c", str(constraints), *requirements],
+                    capture_output=True,
+                    text=True,
+                    timeout=USER_VENV_BUILD_TIMEOUT,
+                    check=False,
+                )
+                assert built.returncode == 0, built.stderr
+            finally:
+                os.umask(umask)
+            marker.write_text(wanted)  # last: the venv is complete
+    return USER_VENV / "bin" / "python"

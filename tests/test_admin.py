@@ -12,7 +12,6 @@ there; root sees and evicts everything.  Garbage on the socket gets an error
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pwd
@@ -21,7 +20,6 @@ import socket
 import stat
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ from mithrilfs import adminsock
 from mithrilfs.repository import Repository
 from tests.conftest import REPO, Mount, run_cli, wait_for
 
-VENV = Path("/var/tmp/mithrilfs-admin-venv")
 USERS = ("mta_a", "mta_b")
 DEVICE_CLASS = "cuda-sm90"
 DEADLINE = 60.0
@@ -40,11 +37,6 @@ KiB = 1024
 
 
 # -- real users with an interpreter they can run --------------------------------------
-
-
-def _runtime_requirements() -> list[str]:
-    with open(REPO / "pyproject.toml", "rb") as project:
-        return sorted(tomllib.load(project)["project"]["dependencies"])
 
 
 def _make_world_readable(top: Path) -> None:
@@ -56,26 +48,6 @@ def _make_world_readable(top: Path) -> None:
                 path.chmod(
                     path.stat().st_mode | 0o444 | (0o111 if path.stat().st_mode & 0o100 else 0)
                 )
-
-
-@pytest.fixture(scope="session")
-def user_python() -> Path:
-    """A venv from /usr/bin/python3.11 with the runtime dependencies, readable by all."""
-    requirements = _runtime_requirements()
-    marker = VENV / ".complete"
-    with open(f"{VENV}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
-        if not (marker.exists() and marker.read_text().split() == requirements):
-            shutil.rmtree(VENV, ignore_errors=True)
-            subprocess.run(["/usr/bin/python3.11", "-m", "venv", VENV], check=True)
-            subprocess.run(
-                [VENV / "bin" / "pip", "install", "--quiet", *requirements],
-                check=True,
-                capture_output=True,
-            )
-            _make_world_readable(VENV)
-            marker.write_text("\n".join(requirements))  # last: the venv is complete
-    return VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="session")

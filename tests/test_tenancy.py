@@ -431,21 +431,6 @@ def test_eviction_removes_whole_entries_from_every_tree(open_mount, tenants) -> 
 
 # -- mithrilfs env and the hook ------------------------------------------------------
 
-# An interpreter the test users can run: this one if they can (CI), else a venv
-# of the system's python3.11 in a world-readable place, built once and reused.
-TENANT_VENV = Path("/var/tmp/mithrilfs-tenant-venv")
-TENANT_PACKAGES = (
-    "torch==2.13.0",
-    "triton==3.9.0",
-    "blake3==1.0.11",
-    "prometheus-client==0.26.0",
-    "trio==0.35.0",
-    "redis==8.1.0",
-    "zstandard==0.25.0",
-    "numpy==2.4.6",
-)
-SYSTEM_PYTHON = "/usr/bin/python3.11"
-VENV_BUILD_TIMEOUT = 1800
 # Inductor starts sys.executable again (its ISA probes): that must work for them too.
 PROBE = (
     "import subprocess, sys, torch, triton, blake3, prometheus_client; "
@@ -454,32 +439,11 @@ PROBE = (
 
 
 @pytest.fixture(scope="session")
-def tenant_python(tenants) -> str:
-    probe = tenants["mtu_a"]
-    if probe.run(sys.executable, "-c", PROBE).returncode == 0:
-        return sys.executable
-    python = TENANT_VENV / "bin" / "python"
-    marker = TENANT_VENV / "mithrilfs-packages.txt"
-    wanted = "\n".join(TENANT_PACKAGES) + "\n"
-    if not (marker.exists() and marker.read_text() == wanted):
-        shutil.rmtree(TENANT_VENV, ignore_errors=True)
-        umask = os.umask(0o022)
-        try:
-            subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(TENANT_VENV)], check=True)
-            built = subprocess.run(
-                [str(python), "-m", "pip", "install", "--quiet", *TENANT_PACKAGES],
-                capture_output=True,
-                text=True,
-                timeout=VENV_BUILD_TIMEOUT,
-                check=False,
-            )
-            assert built.returncode == 0, built.stderr
-        finally:
-            os.umask(umask)
-        marker.write_text(wanted)
-    usable = probe.run(str(python), "-c", PROBE)
+def tenant_python(tenants, user_python: Path) -> str:
+    """conftest's interpreter for test users, checked as one of them."""
+    usable = tenants["mtu_a"].run(str(user_python), "-c", PROBE)
     assert usable.returncode == 0, usable.stderr
-    return str(python)
+    return str(user_python)
 
 
 @pytest.fixture(scope="session")
