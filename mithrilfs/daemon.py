@@ -102,6 +102,8 @@ def fuse_options(config: MountConfig) -> set[str]:
         # The kernel enforces modes and ownership; handlers need not.
         "default_permissions",
         "noatime",
+        # Device nodes are names with attributes here, never devices.
+        "nodev",
     }
     if config.allow_other:
         options.add("allow_other")

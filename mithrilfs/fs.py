@@ -199,7 +199,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
-        attrs.st_rdev = 0
+        attrs.st_rdev = node.rdev
         size = node.size
         mtime = node.mtime_ns
         unsealed = self.files.unsealed(node.id) if node.is_file else None
@@ -541,10 +541,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._ino(parent_inode)
         tree, uid, gid = self._check_change(parent, name, ctx)
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM)
+        # FIFOs, sockets and device nodes are metadata only; the kernel has
+        # already refused device nodes to callers without CAP_MKNOD, and the
+        # mount is nodev, so a device node is never opened as a device.
         with self.index.transaction():
-            node = self.index.make_node(parent, name, mode, uid, gid)
+            node = self.index.make_node(parent, name, mode, uid, gid, rdev=rdev)
         self._shared_name_appeared(parent, name)
         return self._remember(node, self._layout_below(parent, name), tree)
 

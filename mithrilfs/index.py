@@ -26,7 +26,8 @@ from mithrilfs.errors import FsError, UserError, not_found
 from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Format 1 had no `rdev`: special nodes were refused (see _migrate).
 SUPER_ROOT = 1
 # How long a statement waits for another process's write lock (fsck, import).
 BUSY_TIMEOUT = 10.0
@@ -49,8 +50,10 @@ CREATE TABLE IF NOT EXISTS objects (
     refcount INTEGER NOT NULL
 ) WITHOUT ROWID;
 
--- Files, directories and symlinks.  AUTOINCREMENT keeps inode numbers from
--- being reused while the kernel may still remember them.
+-- Files, directories, symlinks and special nodes (FIFOs, sockets, character
+-- and block devices: metadata only, no object, no cache entry).
+-- AUTOINCREMENT keeps inode numbers from being reused while the kernel may
+-- still remember them.
 CREATE TABLE IF NOT EXISTS inodes (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     mode     INTEGER NOT NULL,
@@ -63,7 +66,8 @@ CREATE TABLE IF NOT EXISTS inodes (
     ctime_ns INTEGER NOT NULL,
     object   BLOB,                 -- regular files: their content (never NULL for files)
     target   BLOB,                 -- symlinks: the link target
-    entry    INTEGER               -- regular files: the cache entry they belong to
+    entry    INTEGER,              -- regular files: the cache entry they belong to
+    rdev     INTEGER NOT NULL DEFAULT 0  -- device nodes: the device number, else 0
 );
 CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes(id) WHERE nlink = 0;
 CREATE INDEX IF NOT EXISTS inodes_object ON inodes(object) WHERE object IS NOT NULL;
@@ -109,8 +113,10 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 _INODE_COLUMNS = (
-    "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target, entry"
+    "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target, entry, rdev"
 )
+# Node types that hold neither content nor a target: only their inode row.
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 
 
 @dataclass(slots=True)
@@ -127,6 +133,12 @@ class Inode:
     object: bytes | None
     target: bytes | None
     entry: int | None = None
+    rdev: int = 0
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: a name with attributes, never cache content."""
+        return stat.S_IFMT(self.mode) in SPECIAL_TYPES
 
     @property
     def is_dir(self) -> bool:
@@ -206,6 +218,8 @@ class Index:
                     f"BEGIN IMMEDIATE; {_SCHEMA} INSERT INTO meta(key, value) "
                     f"VALUES ('schema_version', {SCHEMA_VERSION}); COMMIT;"
                 )
+            elif version < SCHEMA_VERSION:
+                cls._migrate(db, version)
             elif version != SCHEMA_VERSION:
                 raise UserError(
                     f"{path}: store format {version} is not supported by this mithrilfs "
@@ -238,6 +252,18 @@ class Index:
         self.logical_bytes = self.db.execute(
             "SELECT coalesce(sum(size), 0) FROM inodes WHERE object IS NOT NULL"
         ).fetchone()[0]
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        """Bring a store of an older format up to SCHEMA_VERSION, in one transaction.
+
+        1 -> 2: special nodes keep their device number in `rdev`; every
+        existing inode is a file, directory or symlink, so 0 is right for all.
+        """
+        with _transaction(db):
+            if version < 2:
+                db.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
 
     @staticmethod
     def _schema_version(db: sqlite3.Connection) -> int | None:
@@ -393,7 +419,7 @@ class Index:
         now = time.time_ns()
         with self.transaction():
             self.db.execute(
-                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,NULL)",
+                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,0)",
                 (SUPER_ROOT, stat.S_IFDIR | 0o755, 0, 0, 2, DIR_SIZE, now, now, now),
             )
 
@@ -416,11 +442,14 @@ class Index:
         gid: int,
         *,
         target: bytes | None = None,
+        rdev: int = 0,
     ) -> Inode:
-        """Create a file, directory or symlink named *name* in *parent*.
+        """Create a file, directory, symlink or special node named *name* in *parent*.
 
         Must run inside a transaction.  A new regular file refers to the empty
-        object, so every file always has content to serve.
+        object, so every file always has content to serve.  A special node
+        (SPECIAL_TYPES) is its inode row alone; *rdev* is kept for device
+        nodes, which the mount (nodev) never opens as devices.
         """
         check_name(name)
         self._require_linked(parent)
@@ -435,12 +464,16 @@ class Index:
         elif stat.S_ISREG(mode):
             nlink, size, digest = 1, 0, EMPTY_DIGEST
             self._incref(EMPTY_DIGEST, 0)
+        elif stat.S_IFMT(mode) in SPECIAL_TYPES:
+            nlink, size, digest = 1, 0, None
         else:
-            raise FsError(errno.EPERM, "only files, directories and symlinks are supported")
+            raise FsError(errno.EINVAL, f"unknown node type {stat.S_IFMT(mode):o}")
+        if not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode):
+            rdev = 0
         cursor = self.db.execute(
             "INSERT INTO inodes(mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-            "object, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (mode, uid, gid, nlink, size, now, now, now, digest, target),
+            "object, target, rdev) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (mode, uid, gid, nlink, size, now, now, now, digest, target, rdev),
         )
         ino = cursor.lastrowid
         assert ino is not None
@@ -449,7 +482,7 @@ class Index:
         )
         self._touch_dir(parent, now, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
         entry = self._place_in_entry(ino, parent, name, now) if stat.S_ISREG(mode) else None
-        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry)
+        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry, rdev)
 
     def unlink(self, parent: int, name: bytes) -> Inode:
         """Remove a non-directory entry; the inode stays (nlink 0) until forgotten."""

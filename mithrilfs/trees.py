@@ -139,7 +139,11 @@ class Trees:
         return None if found is None else found[2].id
 
     def _clonable(self, name: bytes, node: Inode) -> bool:
-        return not is_transient(name) and not (node.is_file and self.is_busy(node.id))
+        # A FIFO, socket or device node is no cache content: each tree has its own.
+        return not is_transient(name) and not node.is_special and not self._busy(node)
+
+    def _busy(self, node: Inode) -> bool:
+        return node.is_file and self.is_busy(node.id)
 
     def clone_missing(self, directory: int, only: bytes | None = None) -> Inode | None:
         """Clone shared names missing in a private *directory* (all of them, or *only*).
@@ -178,7 +182,7 @@ class Trees:
                     owner.uid,
                     owner.gid,
                     whole=source.is_dir and is_entry_root([*names, name]),
-                    skip=lambda node: node.is_file and self.is_busy(node.id),
+                    skip=lambda node: node.is_special or self._busy(node),
                 )
                 self.stats.inc("shared_hits_total", tree=tree)
         return cloned
