@@ -587,10 +587,14 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        # Cache entries are published by rename; hard links would tie the
-        # eviction of one entry to another's.
-        self._check_change(self._ino(new_parent_inode), new_name, ctx)
-        raise FsError(errno.EPERM)
+        ino, parent = self._ino(inode), self._ino(new_parent_inode)
+        tree = self._check_change(parent, new_name, ctx)[0]
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
+        if self.trees.tree_of(ino) != tree:
+            raise FsError(errno.EXDEV)  # a name belongs to one tree, and so does its inode
+        node = self.index.link(ino, parent, new_name)
+        self._shared_name_appeared(parent, new_name)
+        return self._remember(node, self._layout_below(parent, new_name), tree)
 
     @guarded
     async def unlink(

@@ -7,7 +7,8 @@ Invariants (each problem found names the one it breaks):
   orphan    every file under objects/ has a row
   staging   no staging file is left behind while no daemon runs
   unlinked  no inode with nlink 0 is left behind while no daemon runs
-  nlink     a file has exactly one entry; a directory 2 + its subdirectories
+  nlink     a file (or special node) has one entry per link; a directory one
+            entry and nlink 2 + its subdirectories
   size      a file's size equals its object's size
   tree      every entry's parent is a directory; every directory is reachable
   entries   every linked file belongs to a cache entry, and no cache entry is empty
@@ -239,12 +240,13 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
                     )
                 )
         else:
-            if entries != 1 or nlink != 1:
+            # Hard links: one entry per name.
+            if entries != nlink:
                 add(
                     Problem(
                         "nlink",
                         f"inode {ino}: nlink {nlink}, {entries} entries",
-                        _set_nlink(index, ino, 1) if entries == 1 else None,
+                        _set_nlink(index, ino, entries) if entries else None,
                     )
                 )
             if stat.S_ISREG(mode):

@@ -484,6 +484,30 @@ class Index:
         entry = self._place_in_entry(ino, parent, name, now) if stat.S_ISREG(mode) else None
         return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry, rdev)
 
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        """Give the non-directory *ino* another name, *name* in *parent* (link(2)).
+
+        The inode keeps the cache entry it is in; each name only adds to
+        `nlink` and counts where eviction is concerned (see evict_entry).
+        """
+        check_name(name)
+        self._require_linked(parent)
+        node = self.get(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if node.nlink == 0:
+            raise not_found()  # unlinked while open: it may not get a name again
+        if self.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO entries(parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
+            )
+            self.db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino))
+            self._touch_dir(parent, now)
+        return self.get(ino)
+
     def unlink(self, parent: int, name: bytes) -> Inode:
         """Remove a non-directory entry; the inode stays (nlink 0) until forgotten."""
         node = self._existing(parent, name)
@@ -603,6 +627,18 @@ class Index:
     def _drop_entry(self, parent: int, name: bytes, node: Inode) -> None:
         now = time.time_ns()
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+        survivor = None if node.is_dir else self.link_of(node.id)
+        if survivor is not None:
+            # Another name remains: the inode and its content stay, in that
+            # name's cache entry.
+            self.db.execute(
+                "UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, node.id)
+            )
+            node.nlink -= 1
+            self._touch_dir(parent, now)
+            if node.entry is not None:
+                self._move_to_survivor(node.id, node.entry, survivor, now)
+            return
         self.db.execute(
             "UPDATE inodes SET nlink=0, ctime_ns=?, entry=NULL WHERE id=?", (now, node.id)
         )
@@ -823,11 +859,8 @@ class Index:
         if moved.is_dir:
             self._dir_paths.clear()
             files = self.db.execute(
-                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-                "SELECT e.inode, e.parent, e.name, i.entry FROM tree "
-                "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode "
-                f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}",
+                _names_below("inode=?") + "SELECT t.inode, t.parent, t.name, i.entry FROM tree t "
+                f"JOIN inodes i ON i.id = t.inode WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}",
                 (moved.id,),
             ).fetchall()
         elif moved.is_file:
@@ -838,6 +871,13 @@ class Index:
             new_entry = self._place_in_entry(ino, parent, name, now)
             if old_entry is not None and old_entry != new_entry:
                 self._drop_cache_entry_if_empty(old_entry)
+
+    def _move_to_survivor(
+        self, ino: int, entry_id: int, survivor: tuple[int, bytes], now: int
+    ) -> None:
+        """A hard-linked file lost a name: it now belongs to the entry of *survivor*."""
+        if self._place_in_entry(ino, *survivor, now) != entry_id:
+            self._drop_cache_entry_if_empty(entry_id)
 
     def _drop_cache_entry_if_empty(self, entry_id: int) -> None:
         if (
@@ -912,10 +952,8 @@ class Index:
     def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
         """(parent, name, inode, cache entry) of every name in the tree under *root*."""
         rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(
-            "WITH RECURSIVE tree(id) AS (SELECT inode FROM entries WHERE parent=? UNION ALL "
-            "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-            "SELECT e.parent, e.name, e.inode, i.entry FROM tree "
-            "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode",
+            _names_below("parent=?") + "SELECT t.parent, t.name, t.inode, i.entry FROM tree t "
+            "JOIN inodes i ON i.id = t.inode",
             (root,),
         ).fetchall()
         return rows
@@ -1045,10 +1083,7 @@ class Index:
         with self.transaction():
             if key.startswith(b"d"):
                 names = self.db.execute(
-                    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                    "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-                    "SELECT e.parent, e.name, e.inode FROM tree "
-                    "JOIN entries e ON e.inode = tree.id",
+                    _names_below("inode=?") + "SELECT parent, name, inode FROM tree",
                     (root,),
                 ).fetchall()
                 top_parent = self.parent_of(root)
@@ -1060,17 +1095,38 @@ class Index:
                     "JOIN entries e ON e.inode = i.id WHERE i.entry=?",
                     (entry_id,),
                 ).fetchall()
+                # A hard link elsewhere is not part of this entry: it keeps
+                # the inode (and its content) alive.
+                names = [
+                    (parent, name, ino)
+                    for parent, name, ino in names
+                    if self._entry_key(ino, parent, name)[0] == key
+                ]
+            removed: dict[int, int] = {}
             for parent, name, ino in names:
                 self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+                removed[ino] = removed.get(ino, 0) + 1
+            now = time.time_ns()
+            for parent, name, ino in names:
+                result.names.append((parent, name, ino))
+                self._dir_paths.pop(ino, None)
+            for ino, count in removed.items():
+                survivor = self.link_of(ino)
+                if survivor is not None:
+                    (entry,) = self.db.execute(
+                        "UPDATE inodes SET nlink=nlink-?, ctime_ns=? WHERE id=? RETURNING entry",
+                        (count, now, ino),
+                    ).fetchone()
+                    if entry == entry_id:
+                        self._place_in_entry(ino, *survivor, now)
+                    continue
                 digest, size, entry = self.db.execute(
                     "UPDATE inodes SET nlink=0, entry=NULL WHERE id=? "
                     "RETURNING object, size, entry",
                     (ino,),
                 ).fetchone()
-                self._dir_paths.pop(ino, None)
                 if entry is not None and entry != entry_id:
                     others.add(entry)  # moved in under this directory: goes with it
-                result.names.append((parent, name, ino))
                 before = self.stored_bytes
                 if held(ino):
                     result.held.append(ino)
@@ -1111,6 +1167,19 @@ _S_IFMT = 0o170000
 _NS_FLOOR = 10**14
 _NS_MAX = (1 << 63) - 1
 _SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"})
+
+
+def _names_below(start: str) -> str:
+    """A `tree(parent, name, inode)` of the names matching *start* and every name below them.
+
+    It walks names, not inodes: a hard-linked file is reached through each
+    of its names below the start, never through a name elsewhere.
+    """
+    return (
+        "WITH RECURSIVE tree(parent, name, inode) AS ("
+        f"  SELECT parent, name, inode FROM entries WHERE {start} UNION ALL "
+        "  SELECT e.parent, e.name, e.inode FROM entries e JOIN tree t ON e.parent = t.inode) "
+    )
 
 
 def _prefixed(alias: str) -> str:

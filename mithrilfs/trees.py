@@ -98,6 +98,11 @@ class Trees:
         if link is not None:  # an unlinked file is reached only through a checked handle
             self.check_change(*link, uid, gid, pid)
 
+    def tree_of(self, ino: int) -> str | None:
+        """The tree a linked *ino* is in (None when it has no name)."""
+        link = self.index.link_of(ino)
+        return None if link is None else self.index.tree_path(link[0])[0]
+
     # -- private roots ----------------------------------------------------------
 
     def private_root(self, tree: str) -> Inode | None:

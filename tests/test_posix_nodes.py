@@ -13,6 +13,7 @@ Every mount is checked by fsck when the fixture unmounts it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -154,6 +155,62 @@ step("unlink bound", lambda: os.unlink("bound.sock"))
 step("unlink reg", lambda: os.unlink("reg"))
 step("unlink missing", lambda: os.unlink("blk"))
 step("listing", listing)
+
+# Hard links.
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def open_unlinked():
+    fd = os.open("held", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"held bytes")
+    os.link("held", "held2")
+    os.unlink("held")
+    first = os.fstat(fd).st_nlink
+    os.unlink("held2")
+    s = os.fstat(fd)
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, 100).decode()
+    os.close(fd)
+    return [first, s.st_nlink, data]
+
+step("write a", lambda: open("a", "w").write("shared bytes"))
+step("link a b", lambda: os.link("a", "b"))
+step("stat a", lambda: st("a"))
+step("stat b", lambda: st("b"))
+step("mkdir d2", lambda: os.mkdir("d2"))
+step("link a d2/c", lambda: os.link("a", "d2/c"))
+step("stat c", lambda: st("d2/c"))
+step("stat d2", lambda: st("d2"))
+step("link onto existing", lambda: os.link("a", "b"))
+step("link a directory", lambda: os.link("d2", "d3"))
+step("link missing", lambda: os.link("nothing", "n2"))
+step("link into missing dir", lambda: os.link("a", "nodir/x"))
+step("append via b", lambda: open("b", "a").write(" and more"))
+step("read c", lambda: read("d2/c"))
+step("chmod c", lambda: os.chmod("d2/c", 0o600))
+step("stat a", lambda: st("a"))
+step("unlink b", lambda: os.unlink("b"))
+step("stat a", lambda: st("a"))
+step("rename a over its own link", lambda: os.rename("a", "d2/c"))
+step("stat a", lambda: st("a"))
+step("stat c", lambda: st("d2/c"))
+step("write other", lambda: open("other", "w").write("other"))
+step("rename other over c", lambda: os.rename("other", "d2/c"))
+step("stat a", lambda: st("a"))
+step("read a", lambda: read("a"))
+step("mkfifo p", lambda: os.mkfifo("p"))
+step("link p q", lambda: os.link("p", "q"))
+step("stat q", lambda: st("q"))
+step("rename p to d2/p", lambda: os.rename("p", "d2/p"))
+step("stat q", lambda: st("q"))
+step("unlink q", lambda: os.unlink("q"))
+step("stat d2/p", lambda: st("d2/p"))
+step("open, link, unlink both", open_unlinked)
+step("listing", listing)
+for name in ("a", "d2/c", "d2/p"):
+    step("unlink " + name, lambda: os.unlink(name))
+step("rmdir d2", lambda: os.rmdir("d2"))
 print(json.dumps(out))
 """
 
@@ -410,3 +467,95 @@ def test_the_shared_tier_never_publishes_special_nodes(tmp_path: Path, make_moun
         assert sorted(os.listdir(b / "triton" / "KEY")) == ["__grp__k.json", "k.so"]
     finally:
         server.kill()
+
+
+# -- hard links -------------------------------------------------------------------------
+
+
+def test_link_counts_names_and_changes_ctime(mount: Mount) -> None:
+    key = mount / "triton" / "KEY"
+    key.mkdir()
+    (key / "k.so").write_bytes(b"kernel")
+    os.utime(key / "k.so", ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    before = os.lstat(key / "k.so")
+    os.link(key / "k.so", mount / "triton" / "alias.so")
+    after = os.lstat(key / "k.so")
+    assert after.st_nlink == 2
+    assert after.st_ctime_ns > before.st_ctime_ns
+    assert after.st_mtime_ns == before.st_mtime_ns  # a new name is no change of content
+    assert os.lstat(mount / "triton" / "alias.so").st_ino == after.st_ino
+    mount.remount()
+    assert os.lstat(mount / "triton" / "alias.so").st_nlink == 2
+    assert (mount / "triton" / "alias.so").read_bytes() == b"kernel"
+    os.unlink(key / "k.so")
+    assert os.lstat(mount / "triton" / "alias.so").st_nlink == 1
+
+
+def test_links_across_trees_are_refused(open_mount, mtp_user: pwd.struct_passwd) -> None:
+    mount = open_mount("--allow-other")
+    shared = mount / "triton" / "shared.so"
+    shared.write_bytes(b"trusted")
+    private = mount.mountpoint / "users" / USER / "triton"
+    made = subprocess.run(
+        ["setpriv", f"--reuid={mtp_user.pw_uid}", f"--regid={mtp_user.pw_gid}",
+         "--init-groups", "--", "sh", "-c",
+         f"echo mine > {private}/mine.so && ln {private}/mine.so {private}/again.so && "
+         f"ln {private}/mine.so {mount.mountpoint}/triton/planted.so"],
+        capture_output=True, text=True, check=False, cwd="/",
+    )  # fmt: skip
+    assert made.returncode != 0
+    assert "Permission denied" in made.stderr  # an untrusted user writes no shared name
+    assert os.lstat(private / "mine.so").st_nlink == 2
+    exdev = rf"^\[Errno {errno.EXDEV}\] "
+    with pytest.raises(OSError, match=exdev):
+        os.link(shared, private / "from-shared.so")
+    with pytest.raises(OSError, match=exdev):
+        os.link(private / "mine.so", mount / "triton" / "from-private.so")
+    assert not (mount / "triton" / "from-private.so").exists()
+    assert os.lstat(shared).st_nlink == 1
+
+
+def test_evicting_an_entry_removes_its_names_only(mount: Mount) -> None:
+    """Whole-entry eviction takes the entry's names; another name keeps the inode and content."""
+    key = mount / "triton" / "KEY"
+    key.mkdir()
+    (key / "k.so").write_bytes(b"kernel bytes")
+    (key / "__grp__k.json").write_bytes(b"{}")
+    elsewhere = mount / "inductor" / "kept.so"
+    os.link(key / "k.so", elsewhere)
+    os.link(key / "k.so", key / "k2.so")  # two names in the evicted entry
+    result = run_cli("evict", mount.mountpoint, "--path", "triton/*")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not key.exists(), MOUNT_DEADLINE, "the evicted entry to vanish")
+    assert elsewhere.read_bytes() == b"kernel bytes"
+    assert os.lstat(elsewhere).st_nlink == 1
+    # The surviving name is an entry of its own now: evicting it frees the content.
+    mount.remount()
+    result = run_cli("evict", mount.mountpoint, "--path", "inductor/kept.so")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: not elsewhere.exists(), MOUNT_DEADLINE, "the last name to vanish")
+    mount.stop()
+    db = sqlite3.connect(mount.store / INDEX_NAME)
+    try:
+        objects = db.execute("SELECT count(*) FROM objects WHERE size > 0").fetchone()[0]
+    finally:
+        db.close()
+    assert objects == 0  # the kernel went with its last name (the group file with KEY)
+
+
+def test_fsck_counts_names_per_inode(mount: Mount) -> None:
+    (mount / "triton" / "f").write_bytes(b"x")
+    os.link(mount / "triton" / "f", mount / "triton" / "g")
+    mount.stop()
+    assert mount.check_store().clean
+    db = sqlite3.connect(mount.store / INDEX_NAME)
+    try:
+        with db:
+            db.execute("UPDATE inodes SET nlink=1 WHERE nlink=2 AND (mode & 61440) = 32768")
+    finally:
+        db.close()
+    report = mount.check_store()
+    assert [p.kind for p in report.problems] == ["nlink"]
+    result = run_cli("fsck", "--store", mount.store, "--repair")
+    assert result.returncode == 0, result.stderr
+    assert mount.check_store().clean
