@@ -56,13 +56,16 @@ def st(path):
     fields.append(s.st_rdev)
     return fields
 
-def step(name, call):
+# Runs *call*; then stats each of *shown* (the paths it concerns) as steps of their own.
+def step(name, call, *shown):
     try:
         result = call()
     except OSError as exc:
         out.append([name, "err", errno.errorcode[exc.errno]])
     else:
         out.append([name, "ok", result])
+    for path in shown:
+        step("stat " + path, lambda: st(path))
 
 def times(path):
     s = os.lstat(path)
@@ -175,37 +178,25 @@ def open_unlinked():
     return [first, s.st_nlink, data]
 
 step("write a", lambda: open("a", "w").write("shared bytes"))
-step("link a b", lambda: os.link("a", "b"))
-step("stat a", lambda: st("a"))
-step("stat b", lambda: st("b"))
+step("link a b", lambda: os.link("a", "b"), "a", "b")
 step("mkdir d2", lambda: os.mkdir("d2"))
-step("link a d2/c", lambda: os.link("a", "d2/c"))
-step("stat c", lambda: st("d2/c"))
-step("stat d2", lambda: st("d2"))
+step("link a d2/c", lambda: os.link("a", "d2/c"), "d2/c", "d2")
 step("link onto existing", lambda: os.link("a", "b"))
 step("link a directory", lambda: os.link("d2", "d3"))
 step("link missing", lambda: os.link("nothing", "n2"))
 step("link into missing dir", lambda: os.link("a", "nodir/x"))
 step("append via b", lambda: open("b", "a").write(" and more"))
 step("read c", lambda: read("d2/c"))
-step("chmod c", lambda: os.chmod("d2/c", 0o600))
-step("stat a", lambda: st("a"))
-step("unlink b", lambda: os.unlink("b"))
-step("stat a", lambda: st("a"))
-step("rename a over its own link", lambda: os.rename("a", "d2/c"))
-step("stat a", lambda: st("a"))
-step("stat c", lambda: st("d2/c"))
+step("chmod c", lambda: os.chmod("d2/c", 0o600), "a")
+step("unlink b", lambda: os.unlink("b"), "a")
+step("rename a over its own link", lambda: os.rename("a", "d2/c"), "a", "d2/c")
 step("write other", lambda: open("other", "w").write("other"))
-step("rename other over c", lambda: os.rename("other", "d2/c"))
-step("stat a", lambda: st("a"))
+step("rename other over c", lambda: os.rename("other", "d2/c"), "a")
 step("read a", lambda: read("a"))
 step("mkfifo p", lambda: os.mkfifo("p"))
-step("link p q", lambda: os.link("p", "q"))
-step("stat q", lambda: st("q"))
-step("rename p to d2/p", lambda: os.rename("p", "d2/p"))
-step("stat q", lambda: st("q"))
-step("unlink q", lambda: os.unlink("q"))
-step("stat d2/p", lambda: st("d2/p"))
+step("link p q", lambda: os.link("p", "q"), "q")
+step("rename p to d2/p", lambda: os.rename("p", "d2/p"), "q")
+step("unlink q", lambda: os.unlink("q"), "d2/p")
 step("open, link, unlink both", open_unlinked)
 step("listing", listing)
 for name in ("a", "d2/c", "d2/p"):
@@ -217,17 +208,18 @@ print(json.dumps(out))
 
 def run_script(directory: Path, user: pwd.struct_passwd | None) -> list[Any]:
     """The sequence's results in *directory*, run as root or as *user*."""
-    command = ["/usr/bin/python3", "-c", SCRIPT, str(directory)]
+    result = as_user(user, "/usr/bin/python3", "-c", SCRIPT, str(directory))
+    assert result.returncode == 0, result.stderr
+    steps: list[Any] = json.loads(result.stdout)
+    return steps
+
+
+def as_user(user: pwd.struct_passwd | None, *command: str) -> subprocess.CompletedProcess[str]:
+    """Run *command* as *user* (None: as root), with a plain environment."""
     if user is not None:
-        command = [
-            "setpriv",
-            f"--reuid={user.pw_uid}",
-            f"--regid={user.pw_gid}",
-            "--init-groups",
-            "--",
-            *command,
-        ]
-    result = subprocess.run(
+        prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+        command = (*prefix, "--", *command)
+    return subprocess.run(
         command,
         capture_output=True,
         text=True,
@@ -237,9 +229,6 @@ def run_script(directory: Path, user: pwd.struct_passwd | None) -> list[Any]:
         timeout=COMMAND_TIMEOUT,
         stdin=subprocess.DEVNULL,
     )
-    assert result.returncode == 0, result.stderr
-    steps: list[Any] = json.loads(result.stdout)
-    return steps
 
 
 def assert_same(native: list[Any], mounted: list[Any]) -> None:
@@ -294,11 +283,7 @@ def test_node_types_as_a_user_behave_as_on_ext4(
         shutil.rmtree(native)
     assert ["mknod chr", "err", "EPERM"] in expected  # no CAP_MKNOD
     mounted = mount.mountpoint / "users" / USER / "triton" / "work"
-    made = subprocess.run(
-        ["setpriv", f"--reuid={mtp_user.pw_uid}", f"--regid={mtp_user.pw_gid}",
-         "--init-groups", "--", "mkdir", str(mounted)],
-        capture_output=True, text=True, check=False, cwd="/",
-    )  # fmt: skip
+    made = as_user(mtp_user, "mkdir", str(mounted))
     assert made.returncode == 0, made.stderr
     assert_same(expected, run_script(mounted, mtp_user))
 
@@ -345,12 +330,8 @@ def test_private_trees_do_not_clone_special_nodes(open_mount, mtp_user) -> None:
     os.mknod(key / "sock", stat.S_IFSOCK | 0o644)
     os.mkfifo(mount / "triton" / "loose-fifo")
     view = mount.mountpoint / "users" / USER / "triton"
-    listed = subprocess.run(
-        ["setpriv", f"--reuid={mtp_user.pw_uid}", f"--regid={mtp_user.pw_gid}",
-         "--init-groups", "--", "sh", "-c",
-         f"ls {view}; ls {view}/KEY; test -e {view}/loose-fifo && echo cloned"],
-        capture_output=True, text=True, check=False, cwd="/",
-    )  # fmt: skip
+    script = f"ls {view}; ls {view}/KEY; test -e {view}/loose-fifo && echo cloned"
+    listed = as_user(mtp_user, "sh", "-c", script)
     assert listed.stdout.split() == ["KEY", "k.so"], listed.stderr
 
 
@@ -496,13 +477,13 @@ def test_links_across_trees_are_refused(open_mount, mtp_user: pwd.struct_passwd)
     shared = mount / "triton" / "shared.so"
     shared.write_bytes(b"trusted")
     private = mount.mountpoint / "users" / USER / "triton"
-    made = subprocess.run(
-        ["setpriv", f"--reuid={mtp_user.pw_uid}", f"--regid={mtp_user.pw_gid}",
-         "--init-groups", "--", "sh", "-c",
-         f"echo mine > {private}/mine.so && ln {private}/mine.so {private}/again.so && "
-         f"ln {private}/mine.so {mount.mountpoint}/triton/planted.so"],
-        capture_output=True, text=True, check=False, cwd="/",
-    )  # fmt: skip
+    made = as_user(
+        mtp_user,
+        "sh",
+        "-c",
+        f"echo mine > {private}/mine.so && ln {private}/mine.so {private}/again.so && "
+        f"ln {private}/mine.so {mount.mountpoint}/triton/planted.so",
+    )
     assert made.returncode != 0
     assert "Permission denied" in made.stderr  # an untrusted user writes no shared name
     assert os.lstat(private / "mine.so").st_nlink == 2
