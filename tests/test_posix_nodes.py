@@ -540,3 +540,18 @@ def test_fsck_counts_names_per_inode(mount: Mount) -> None:
     result = run_cli("fsck", "--store", mount.store, "--repair")
     assert result.returncode == 0, result.stderr
     assert mount.check_store().clean
+
+
+def test_extended_attributes_are_not_supported(mount: Mount) -> None:
+    """What docs/architecture.md says: EOPNOTSUPP, answered by the kernel after its first ask."""
+    path = mount / "triton" / "f"
+    path.write_bytes(b"x")
+    not_supported = rf"^\[Errno {errno.EOPNOTSUPP}\] "
+    for _ in range(2):
+        with pytest.raises(OSError, match=not_supported):
+            os.setxattr(path, "user.origin", b"cc")
+        with pytest.raises(OSError, match=not_supported):
+            os.getxattr(path, "user.origin")
+        with pytest.raises(OSError, match=not_supported):
+            os.listxattr(path)
+    assert path.read_bytes() == b"x"
