@@ -55,6 +55,7 @@ class MountConfig:
     foreground: bool = False
     allow_other: bool = False
     read_only: bool = False
+    xattrs: bool = False  # user. extended attributes (--xattrs)
     log_level: str = "INFO"
     log_file: Path | None = None
     cap: int | None = None  # None: default_cap() of the store's filesystem
@@ -150,6 +151,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             cap=cap,
             max_age=config.max_age,
             read_only=config.read_only,
+            xattrs=config.xattrs,
             remote=remote,
             trust=config.trust,
         )

@@ -11,6 +11,7 @@ Invariants (each problem found names the one it breaks):
             entry and nlink 2 + its subdirectories
   size      a file's size equals its object's size
   tree      every entry's parent is a directory; every directory is reachable
+  xattrs    every extended attribute belongs to an existing inode
   entries   every linked file belongs to a cache entry, and no cache entry is empty
   trees     users/ is root's and 0711 and holds only private roots; each private
             root is a 0700 directory owned by the user it is named after
@@ -268,6 +269,18 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
                         )
                     )
 
+    for (ino,) in db.execute(
+        "SELECT DISTINCT x.inode FROM xattrs x LEFT JOIN inodes i ON i.id = x.inode "
+        "WHERE i.id IS NULL"
+    ).fetchall():
+        add(
+            Problem(
+                "xattrs",
+                f"extended attributes of inode {ino}, which does not exist",
+                _drop_xattrs(index, ino),
+            )
+        )
+
     for entry_id, parent, child in db.execute(
         "SELECT e.id, e.parent, e.inode FROM entries e "
         "LEFT JOIN inodes p ON p.id = e.parent LEFT JOIN inodes c ON c.id = e.inode "
@@ -315,6 +328,7 @@ def _drop_object(index: Index, content: ContentStore, digest: bytes) -> Callable
             ).fetchall():
                 index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
                 index.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+                index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
         for other in unused:
             content.delete(other)
@@ -403,6 +417,14 @@ def _drop_cache_entry(index: Index, entry_id: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
             index.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+
+    return repair
+
+
+def _drop_xattrs(index: Index, ino: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
 
     return repair
 

@@ -27,7 +27,7 @@ from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
 SCHEMA_VERSION = 2
-# Format 1 had no `rdev`: special nodes were refused (see _migrate).
+# Format 1 had no `rdev` and no `xattrs` (see _migrate).
 SUPER_ROOT = 1
 # How long a statement waits for another process's write lock (fsck, import).
 BUSY_TIMEOUT = 10.0
@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS entries (
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS entries_inode ON entries(inode);
+
+-- Extended attributes (user. namespace only: xattrs.py), deleted with their inode.
+CREATE TABLE IF NOT EXISTS xattrs (
+    inode INTEGER NOT NULL,
+    name  BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
 
 -- Store-wide facts: schema version, whether the last daemon shut down cleanly.
 CREATE TABLE IF NOT EXISTS meta (
@@ -259,10 +267,15 @@ class Index:
 
         1 -> 2: special nodes keep their device number in `rdev`; every
         existing inode is a file, directory or symlink, so 0 is right for all.
+        Extended attributes get their (empty) table.
         """
         with _transaction(db):
             if version < 2:
                 db.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+                db.execute(
+                    "CREATE TABLE xattrs (inode INTEGER NOT NULL, name BLOB NOT NULL, "
+                    "value BLOB NOT NULL, PRIMARY KEY (inode, name)) WITHOUT ROWID"
+                )
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
 
     @staticmethod
@@ -709,6 +722,7 @@ class Index:
 
     def _delete_inode(self, ino: int, digest: bytes | None, size: int) -> bytes | None:
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         if digest is None:
             return None
         self.logical_bytes -= size
@@ -738,6 +752,52 @@ class Index:
         self.stored_bytes += delta * size
         self.allocated_bytes += delta * (-(-size // self.block_size) * self.block_size)
         self.object_count += delta
+
+    # -- extended attributes ------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [
+            bytes(row[0])
+            for row in self.db.execute(
+                "SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,)
+            )
+        ]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes, limit: int) -> None:
+        """Set one attribute; ENOSPC when the inode's attributes would pass *limit* bytes."""
+        self.get(ino)
+        (others,) = self.db.execute(
+            "SELECT coalesce(sum(length(name) + length(value)), 0) FROM xattrs "
+            "WHERE inode=? AND name!=?",
+            (ino, name),
+        ).fetchone()
+        if others + len(name) + len(value) > limit:
+            raise FsError(errno.ENOSPC)
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO xattrs(inode, name, value) VALUES (?,?,?) "
+                "ON CONFLICT(inode, name) DO UPDATE SET value=excluded.value",
+                (ino, name, value),
+            )
+            self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (time.time_ns(), ino))
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        """Remove one attribute; ENODATA when there is none of that name."""
+        with self.transaction():
+            if (
+                self.db.execute(
+                    "DELETE FROM xattrs WHERE inode=? AND name=? RETURNING 1", (ino, name)
+                ).fetchone()
+                is None
+            ):
+                raise FsError(errno.ENODATA)
+            self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (time.time_ns(), ino))
 
     # -- cache entries: placement, recency, eviction -------------------------
 

@@ -206,9 +206,61 @@ print(json.dumps(out))
 """
 
 
-def run_script(directory: Path, user: pwd.struct_passwd | None) -> list[Any]:
+# Extended attributes in the user. namespace, in the same form (and with the
+# same helpers, defined again: each script runs alone).
+XATTR_SCRIPT = (
+    SCRIPT[: SCRIPT.index('step("mkfifo"')]
+    + r"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+
+def small_buffer(call, *args):
+    buf = ctypes.create_string_buffer(2)
+    if call(*args, buf, 2) < 0:
+        raise OSError(ctypes.get_errno(), "")
+    return buf.raw
+
+CREATE, REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE
+open("f", "w").close()
+os.mkdir("d")
+os.symlink("f", "l")
+os.mkfifo("p")
+step("set", lambda: os.setxattr("f", "user.a", b"one"))
+step("get", lambda: os.getxattr("f", "user.a").decode())
+step("set create existing", lambda: os.setxattr("f", "user.a", b"x", CREATE))
+step("set replace missing", lambda: os.setxattr("f", "user.b", b"x", REPLACE))
+step("set replace", lambda: os.setxattr("f", "user.a", b"two", REPLACE))
+step("set create", lambda: os.setxattr("f", "user.b", b"", CREATE))
+step("get empty", lambda: os.getxattr("f", "user.b").decode())
+step("get missing", lambda: os.getxattr("f", "user.none"))
+step("list", lambda: sorted(os.listxattr("f")))
+step("get small buffer", lambda: small_buffer(libc.getxattr, b"f", b"user.a"))
+step("list small buffer", lambda: small_buffer(libc.listxattr, b"f"))
+step("value too big", lambda: os.setxattr("f", "user.big", b"v" * 65537))
+step("name too long", lambda: os.setxattr("f", "user." + "n" * 251, b"v"))
+step("empty user name", lambda: os.setxattr("f", "user.", b"v"))
+step("dir", lambda: os.setxattr("d", "user.d", b"dir value"))
+step("list dir", lambda: os.listxattr("d"))
+step("symlink", lambda: os.setxattr("l", "user.x", b"v", follow_symlinks=False))
+step("list symlink", lambda: os.listxattr("l", follow_symlinks=False))
+step("fifo", lambda: os.setxattr("p", "user.x", b"v"))
+step("get on fifo", lambda: os.getxattr("p", "user.x"))
+step("remove", lambda: os.removexattr("f", "user.a"))
+step("remove missing", lambda: os.removexattr("f", "user.a"))
+step("list", lambda: sorted(os.listxattr("f")))
+step("read-only file", lambda: os.chmod("f", 0o444) or os.setxattr("f", "user.c", b"v"))
+step("list", lambda: sorted(os.listxattr("f")))
+for name in ("f", "l", "p"):
+    os.unlink(name)
+os.rmdir("d")
+print(json.dumps(out))
+"""
+)
+
+
+def run_script(directory: Path, user: pwd.struct_passwd | None, script: str = SCRIPT) -> list[Any]:
     """The sequence's results in *directory*, run as root or as *user*."""
-    result = as_user(user, "/usr/bin/python3", "-c", SCRIPT, str(directory))
+    result = as_user(user, "/usr/bin/python3", "-c", script, str(directory))
     assert result.returncode == 0, result.stderr
     steps: list[Any] = json.loads(result.stdout)
     return steps
@@ -542,8 +594,8 @@ def test_fsck_counts_names_per_inode(mount: Mount) -> None:
     assert mount.check_store().clean
 
 
-def test_extended_attributes_are_not_supported(mount: Mount) -> None:
-    """What docs/architecture.md says: EOPNOTSUPP, answered by the kernel after its first ask."""
+def test_extended_attributes_are_off_by_default(mount: Mount) -> None:
+    """Without --xattrs: EOPNOTSUPP, answered by the kernel after its first ask."""
     path = mount / "triton" / "f"
     path.write_bytes(b"x")
     not_supported = rf"^\[Errno {errno.EOPNOTSUPP}\] "
@@ -555,3 +607,63 @@ def test_extended_attributes_are_not_supported(mount: Mount) -> None:
         with pytest.raises(OSError, match=not_supported):
             os.listxattr(path)
     assert path.read_bytes() == b"x"
+
+
+# -- extended attributes (--xattrs) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_root", [True, False], ids=["root", "user"])
+def test_user_xattrs_behave_as_on_ext4(
+    open_mount, mtp_user: pwd.struct_passwd, public_dir: Path, as_root: bool
+) -> None:
+    user = None if as_root else mtp_user
+    mount = open_mount("--allow-other", "--xattrs")
+    native = public_dir / "native"
+    native.mkdir()
+    os.chown(native, mtp_user.pw_uid, mtp_user.pw_gid)
+    try:
+        expected = run_script(native, user, XATTR_SCRIPT)
+    finally:
+        shutil.rmtree(native)
+    assert ["get", "ok", "one"] in expected
+    mounted = mount.mountpoint / "users" / USER / "triton" / "work"
+    made = as_user(mtp_user, "mkdir", str(mounted))
+    assert made.returncode == 0, made.stderr
+    assert_same(expected, run_script(mounted, user, XATTR_SCRIPT))
+
+
+def test_xattrs_persist_and_other_namespaces_are_refused(mount_with_xattrs: Mount) -> None:
+    mount = mount_with_xattrs
+    path = mount / "triton" / "f"
+    path.write_bytes(b"x")
+    before = os.lstat(path).st_ctime_ns
+    os.setxattr(path, "user.origin", b"cc")
+    assert os.lstat(path).st_ctime_ns > before  # an attribute change is a change of the inode
+    not_supported = rf"^\[Errno {errno.EOPNOTSUPP}\] "
+    for name in ("trusted.x", "security.x", "system.x"):
+        with pytest.raises(OSError, match=not_supported):
+            os.setxattr(path, name, b"v")
+        with pytest.raises(OSError, match=not_supported):
+            os.getxattr(path, name)
+    for acl in ("system.posix_acl_access", "system.posix_acl_default"):
+        with pytest.raises(OSError, match=not_supported):
+            os.getxattr(path, acl)
+    for n in range(16):  # 64 KiB of names and values per inode at most
+        os.setxattr(path, f"user.{n:02}", b"v" * 4000)
+    with pytest.raises(OSError, match=rf"^\[Errno {errno.ENOSPC}\] "):
+        os.setxattr(path, "user.16", b"v" * 4000)
+    mount.remount("--xattrs")
+    assert os.getxattr(path, "user.origin") == b"cc"
+    assert "user.origin" in os.listxattr(path)
+    os.unlink(path)  # its attributes go with the inode: the fixture's fsck checks
+    mount.stop()
+    db = sqlite3.connect(mount.store / INDEX_NAME)
+    try:
+        assert db.execute("SELECT count(*) FROM xattrs").fetchone() == (0,)
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def mount_with_xattrs(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+    return make_mount("--xattrs")  # type: ignore[no-any-return]
