@@ -162,6 +162,12 @@ def _parser() -> argparse.ArgumentParser:
         "--read-only", action="store_true", help="serve hits but refuse every write with EROFS"
     )
     mount.add_argument(
+        "--xattrs",
+        action="store_true",
+        help="keep extended attributes in the user. namespace (costs one more request "
+        "per write: the kernel then asks for security.capability on every write)",
+    )
+    mount.add_argument(
         "--cap",
         metavar="SIZE",
         help="the store's size cap, e.g. 500M, 50G, 1T (default: 10%% of the store's "
@@ -346,6 +352,7 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         foreground=options.foreground or "foreground" in settings,
         allow_other=options.allow_other or "allow_other" in settings,
         read_only=options.read_only or "ro" in settings,
+        xattrs=options.xattrs or "xattrs" in settings,
         log_level=_log_level(settings.get("log_level", options.log_level)),
         # Absolute: the daemon changes to / before it opens the file.
         log_file=options.log_file.absolute() if options.log_file else None,
@@ -390,7 +397,7 @@ def _optional(text: str | None, parse: Callable[[str], T]) -> T | None:
 
 
 def _parse_mount_options(text: str) -> dict[str, str]:
-    known_flags = {"allow_other", "ro", "foreground"}
+    known_flags = {"allow_other", "ro", "foreground", "xattrs"}
     known_values = {
         "device_class",
         "store",

@@ -55,6 +55,7 @@ class MountConfig:
     foreground: bool = False
     allow_other: bool = False
     read_only: bool = False
+    xattrs: bool = False  # user. extended attributes (--xattrs)
     log_level: str = "INFO"
     log_file: Path | None = None
     cap: int | None = None  # None: default_cap() of the store's filesystem
@@ -102,6 +103,8 @@ def fuse_options(config: MountConfig) -> set[str]:
         # The kernel enforces modes and ownership; handlers need not.
         "default_permissions",
         "noatime",
+        # Device nodes are names with attributes here, never devices.
+        "nodev",
     }
     if config.allow_other:
         options.add("allow_other")
@@ -148,6 +151,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             cap=cap,
             max_age=config.max_age,
             read_only=config.read_only,
+            xattrs=config.xattrs,
             remote=remote,
             trust=config.trust,
         )

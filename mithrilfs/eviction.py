@@ -477,9 +477,9 @@ def select_entries(index: Index, selection: Selection, now_ns: int) -> list[Cand
     for class_name, class_root in roots:
         paths = _TreePaths(index.names_below(class_root), class_root)
         files: dict[int, list[str]] = {}
-        for _parent, _name, ino, entry in paths.rows:
+        for parent, name, _ino, entry in paths.rows:
             if entry is not None:
-                files.setdefault(entry, []).append(paths.of(ino))
+                files.setdefault(entry, []).append(paths.below(parent, name))
         for entry_id, file_paths in files.items():
             key, entry_root, last_read = table[entry_id]
             if cutoff is not None and last_read >= cutoff:
@@ -519,10 +519,13 @@ class _TreePaths:
             chain.append(node)
             node = self._links[node][0]
         for node in reversed(chain):
-            parent, name = self._links[node]
-            above = self._paths[parent]
-            self._paths[node] = f"{above}/{os.fsdecode(name)}" if above else os.fsdecode(name)
+            self._paths[node] = self.below(*self._links[node])
         return self._paths[ino]
+
+    def below(self, parent: int, name: bytes) -> str:
+        """The path of *name* in *parent*: a hard-linked file has one per name."""
+        above = self.of(parent)
+        return f"{above}/{os.fsdecode(name)}" if above else os.fsdecode(name)
 
 
 def _entry_path(key: bytes, root: int, paths: _TreePaths, file_paths: list[str]) -> str:

@@ -55,6 +55,8 @@ from mithrilfs.stats import Stats
 from mithrilfs.store import ContentStore
 from mithrilfs.tenancy import Trust
 from mithrilfs.trees import BeingWritten, Trees
+from mithrilfs.xattrs import INODE_XATTR_BYTES
+from mithrilfs.xattrs import check_name as check_xattr_name
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class Operations(pyfuse3.Operations):
         cap: int,
         max_age: float | None = None,
         read_only: bool = False,
+        xattrs: bool = False,
         remote: Remote | None = None,
         trust: Trust | None = None,
     ):
@@ -138,6 +141,7 @@ class Operations(pyfuse3.Operations):
         self.store = store
         self.root = root
         self.read_only = read_only
+        self.xattrs = xattrs
         self.stats = stats
         self.files = OpenFiles(index, store, max_file_size=cap, on_sealed=self._sealed)
         self.evictor = Evictor(
@@ -199,7 +203,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
-        attrs.st_rdev = 0
+        attrs.st_rdev = node.rdev
         size = node.size
         mtime = node.mtime_ns
         unsealed = self.files.unsealed(node.id) if node.is_file else None
@@ -541,10 +545,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._ino(parent_inode)
         tree, uid, gid = self._check_change(parent, name, ctx)
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM)
+        # FIFOs, sockets and device nodes are metadata only; the kernel has
+        # already refused device nodes to callers without CAP_MKNOD, and the
+        # mount is nodev, so a device node is never opened as a device.
         with self.index.transaction():
-            node = self.index.make_node(parent, name, mode, uid, gid)
+            node = self.index.make_node(parent, name, mode, uid, gid, rdev=rdev)
         self._shared_name_appeared(parent, name)
         return self._remember(node, self._layout_below(parent, name), tree)
 
@@ -586,10 +591,14 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        # Cache entries are published by rename; hard links would tie the
-        # eviction of one entry to another's.
-        self._check_change(self._ino(new_parent_inode), new_name, ctx)
-        raise FsError(errno.EPERM)
+        ino, parent = self._ino(inode), self._ino(new_parent_inode)
+        tree = self._check_change(parent, new_name, ctx)[0]
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
+        if self.trees.tree_of(ino) != tree:
+            raise FsError(errno.EXDEV)  # a name belongs to one tree, and so does its inode
+        node = self.index.link(ino, parent, new_name)
+        self._shared_name_appeared(parent, new_name)
+        return self._remember(node, self._layout_below(parent, new_name), tree)
 
     @guarded
     async def unlink(
@@ -632,6 +641,55 @@ class Operations(pyfuse3.Operations):
         if self.remote is not None:
             # Compilers write under a temporary name and rename into place.
             self.remote.notify_renamed(self._ino(parent_inode_new), name_new)
+
+    # -- extended attributes (xattrs.py: user. only) ------------------------------
+
+    def _check_xattr(self, name: bytes | None) -> None:
+        """Refuse what this mount does not keep.
+
+        Without --xattrs: ENOSYS, which the kernel remembers for the whole
+        mount (it answers EOPNOTSUPP itself from then on), so writes do not
+        cost a security.capability request each.
+        """
+        if not self.xattrs:
+            raise FsError(errno.ENOSYS)
+        if name is not None:
+            check_xattr_name(name)
+
+    @guarded
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        self._check_xattr(name)
+        value = self.index.get_xattr(self._ino(inode), name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    @guarded
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._check_xattr(None)
+        return self.index.list_xattrs(self._ino(inode))
+
+    @guarded
+    async def setxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        ino = self._ino(inode)
+        self._check_xattr(name)
+        self._writable()
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
+        self.index.set_xattr(ino, name, value, INODE_XATTR_BYTES)
+
+    @guarded
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        ino = self._ino(inode)
+        self._check_xattr(name)
+        self._writable()
+        self.trees.check_node_change(ino, ctx.uid, ctx.gid, ctx.pid)
+        self.index.remove_xattr(ino, name)
 
     # -- directories ----------------------------------------------------------
 

@@ -7,9 +7,11 @@ Invariants (each problem found names the one it breaks):
   orphan    every file under objects/ has a row
   staging   no staging file is left behind while no daemon runs
   unlinked  no inode with nlink 0 is left behind while no daemon runs
-  nlink     a file has exactly one entry; a directory 2 + its subdirectories
+  nlink     a file (or special node) has one entry per link; a directory one
+            entry and nlink 2 + its subdirectories
   size      a file's size equals its object's size
   tree      every entry's parent is a directory; every directory is reachable
+  xattrs    every extended attribute belongs to an existing inode
   entries   every linked file belongs to a cache entry, and no cache entry is empty
   trees     users/ is root's and 0711 and holds only private roots; each private
             root is a 0700 directory owned by the user it is named after
@@ -239,12 +241,13 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
                     )
                 )
         else:
-            if entries != 1 or nlink != 1:
+            # Hard links: one entry per name.
+            if entries != nlink:
                 add(
                     Problem(
                         "nlink",
                         f"inode {ino}: nlink {nlink}, {entries} entries",
-                        _set_nlink(index, ino, 1) if entries == 1 else None,
+                        _set_nlink(index, ino, entries) if entries else None,
                     )
                 )
             if stat.S_ISREG(mode):
@@ -265,6 +268,18 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
                             _set_size(index, ino, object_size),
                         )
                     )
+
+    for (ino,) in db.execute(
+        "SELECT DISTINCT x.inode FROM xattrs x LEFT JOIN inodes i ON i.id = x.inode "
+        "WHERE i.id IS NULL"
+    ).fetchall():
+        add(
+            Problem(
+                "xattrs",
+                f"extended attributes of inode {ino}, which does not exist",
+                _drop_xattrs(index, ino),
+            )
+        )
 
     for entry_id, parent, child in db.execute(
         "SELECT e.id, e.parent, e.inode FROM entries e "
@@ -313,6 +328,7 @@ def _drop_object(index: Index, content: ContentStore, digest: bytes) -> Callable
             ).fetchall():
                 index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
                 index.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+                index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
             index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
         for other in unused:
             content.delete(other)
@@ -401,6 +417,14 @@ def _drop_cache_entry(index: Index, entry_id: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
             index.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+
+    return repair
+
+
+def _drop_xattrs(index: Index, ino: int) -> Callable[[], None]:
+    def repair() -> None:
+        with index.transaction():
+            index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
 
     return repair
 

@@ -26,7 +26,8 @@ from mithrilfs.errors import FsError, UserError, not_found
 from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Format 1 had no `rdev` and no `xattrs` (see _migrate).
 SUPER_ROOT = 1
 # How long a statement waits for another process's write lock (fsck, import).
 BUSY_TIMEOUT = 10.0
@@ -49,8 +50,10 @@ CREATE TABLE IF NOT EXISTS objects (
     refcount INTEGER NOT NULL
 ) WITHOUT ROWID;
 
--- Files, directories and symlinks.  AUTOINCREMENT keeps inode numbers from
--- being reused while the kernel may still remember them.
+-- Files, directories, symlinks and special nodes (FIFOs, sockets, character
+-- and block devices: metadata only, no object, no cache entry).
+-- AUTOINCREMENT keeps inode numbers from being reused while the kernel may
+-- still remember them.
 CREATE TABLE IF NOT EXISTS inodes (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     mode     INTEGER NOT NULL,
@@ -63,7 +66,8 @@ CREATE TABLE IF NOT EXISTS inodes (
     ctime_ns INTEGER NOT NULL,
     object   BLOB,                 -- regular files: their content (never NULL for files)
     target   BLOB,                 -- symlinks: the link target
-    entry    INTEGER               -- regular files: the cache entry they belong to
+    entry    INTEGER,              -- regular files: the cache entry they belong to
+    rdev     INTEGER NOT NULL DEFAULT 0  -- device nodes: the device number, else 0
 );
 CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes(id) WHERE nlink = 0;
 CREATE INDEX IF NOT EXISTS inodes_object ON inodes(object) WHERE object IS NOT NULL;
@@ -101,6 +105,14 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_inode ON entries(inode);
 
+-- Extended attributes (user. namespace only: xattrs.py), deleted with their inode.
+CREATE TABLE IF NOT EXISTS xattrs (
+    inode INTEGER NOT NULL,
+    name  BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+
 -- Store-wide facts: schema version, whether the last daemon shut down cleanly.
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -109,8 +121,10 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 _INODE_COLUMNS = (
-    "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target, entry"
+    "id, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, object, target, entry, rdev"
 )
+# Node types that hold neither content nor a target: only their inode row.
+SPECIAL_TYPES = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 
 
 @dataclass(slots=True)
@@ -127,6 +141,12 @@ class Inode:
     object: bytes | None
     target: bytes | None
     entry: int | None = None
+    rdev: int = 0
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, socket or device node: a name with attributes, never cache content."""
+        return stat.S_IFMT(self.mode) in SPECIAL_TYPES
 
     @property
     def is_dir(self) -> bool:
@@ -206,6 +226,8 @@ class Index:
                     f"BEGIN IMMEDIATE; {_SCHEMA} INSERT INTO meta(key, value) "
                     f"VALUES ('schema_version', {SCHEMA_VERSION}); COMMIT;"
                 )
+            elif version < SCHEMA_VERSION:
+                cls._migrate(db, version)
             elif version != SCHEMA_VERSION:
                 raise UserError(
                     f"{path}: store format {version} is not supported by this mithrilfs "
@@ -238,6 +260,23 @@ class Index:
         self.logical_bytes = self.db.execute(
             "SELECT coalesce(sum(size), 0) FROM inodes WHERE object IS NOT NULL"
         ).fetchone()[0]
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        """Bring a store of an older format up to SCHEMA_VERSION, in one transaction.
+
+        1 -> 2: special nodes keep their device number in `rdev`; every
+        existing inode is a file, directory or symlink, so 0 is right for all.
+        Extended attributes get their (empty) table.
+        """
+        with _transaction(db):
+            if version < 2:
+                db.execute("ALTER TABLE inodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0")
+                db.execute(
+                    "CREATE TABLE xattrs (inode INTEGER NOT NULL, name BLOB NOT NULL, "
+                    "value BLOB NOT NULL, PRIMARY KEY (inode, name)) WITHOUT ROWID"
+                )
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
 
     @staticmethod
     def _schema_version(db: sqlite3.Connection) -> int | None:
@@ -393,7 +432,7 @@ class Index:
         now = time.time_ns()
         with self.transaction():
             self.db.execute(
-                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,NULL)",
+                f"INSERT INTO inodes({_INODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL,NULL,0)",
                 (SUPER_ROOT, stat.S_IFDIR | 0o755, 0, 0, 2, DIR_SIZE, now, now, now),
             )
 
@@ -416,11 +455,14 @@ class Index:
         gid: int,
         *,
         target: bytes | None = None,
+        rdev: int = 0,
     ) -> Inode:
-        """Create a file, directory or symlink named *name* in *parent*.
+        """Create a file, directory, symlink or special node named *name* in *parent*.
 
         Must run inside a transaction.  A new regular file refers to the empty
-        object, so every file always has content to serve.
+        object, so every file always has content to serve.  A special node
+        (SPECIAL_TYPES) is its inode row alone; *rdev* is kept for device
+        nodes, which the mount (nodev) never opens as devices.
         """
         check_name(name)
         self._require_linked(parent)
@@ -435,12 +477,16 @@ class Index:
         elif stat.S_ISREG(mode):
             nlink, size, digest = 1, 0, EMPTY_DIGEST
             self._incref(EMPTY_DIGEST, 0)
+        elif stat.S_IFMT(mode) in SPECIAL_TYPES:
+            nlink, size, digest = 1, 0, None
         else:
-            raise FsError(errno.EPERM, "only files, directories and symlinks are supported")
+            raise FsError(errno.EINVAL, f"unknown node type {stat.S_IFMT(mode):o}")
+        if not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode):
+            rdev = 0
         cursor = self.db.execute(
             "INSERT INTO inodes(mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, "
-            "object, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (mode, uid, gid, nlink, size, now, now, now, digest, target),
+            "object, target, rdev) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (mode, uid, gid, nlink, size, now, now, now, digest, target, rdev),
         )
         ino = cursor.lastrowid
         assert ino is not None
@@ -449,7 +495,31 @@ class Index:
         )
         self._touch_dir(parent, now, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
         entry = self._place_in_entry(ino, parent, name, now) if stat.S_ISREG(mode) else None
-        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry)
+        return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry, rdev)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        """Give the non-directory *ino* another name, *name* in *parent* (link(2)).
+
+        The inode keeps the cache entry it is in; each name only adds to
+        `nlink` and counts where eviction is concerned (see evict_entry).
+        """
+        check_name(name)
+        self._require_linked(parent)
+        node = self.get(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if node.nlink == 0:
+            raise not_found()  # unlinked while open: it may not get a name again
+        if self.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        now = time.time_ns()
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO entries(parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
+            )
+            self.db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino))
+            self._touch_dir(parent, now)
+        return self.get(ino)
 
     def unlink(self, parent: int, name: bytes) -> Inode:
         """Remove a non-directory entry; the inode stays (nlink 0) until forgotten."""
@@ -570,6 +640,18 @@ class Index:
     def _drop_entry(self, parent: int, name: bytes, node: Inode) -> None:
         now = time.time_ns()
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+        survivor = None if node.is_dir else self.link_of(node.id)
+        if survivor is not None:
+            # Another name remains: the inode and its content stay, in that
+            # name's cache entry.
+            self.db.execute(
+                "UPDATE inodes SET nlink=nlink-1, ctime_ns=? WHERE id=?", (now, node.id)
+            )
+            node.nlink -= 1
+            self._touch_dir(parent, now)
+            if node.entry is not None:
+                self._move_to_survivor(node.id, node.entry, survivor, now)
+            return
         self.db.execute(
             "UPDATE inodes SET nlink=0, ctime_ns=?, entry=NULL WHERE id=?", (now, node.id)
         )
@@ -640,6 +722,7 @@ class Index:
 
     def _delete_inode(self, ino: int, digest: bytes | None, size: int) -> bytes | None:
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         if digest is None:
             return None
         self.logical_bytes -= size
@@ -669,6 +752,52 @@ class Index:
         self.stored_bytes += delta * size
         self.allocated_bytes += delta * (-(-size // self.block_size) * self.block_size)
         self.object_count += delta
+
+    # -- extended attributes ------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [
+            bytes(row[0])
+            for row in self.db.execute(
+                "SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,)
+            )
+        ]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes, limit: int) -> None:
+        """Set one attribute; ENOSPC when the inode's attributes would pass *limit* bytes."""
+        self.get(ino)
+        (others,) = self.db.execute(
+            "SELECT coalesce(sum(length(name) + length(value)), 0) FROM xattrs "
+            "WHERE inode=? AND name!=?",
+            (ino, name),
+        ).fetchone()
+        if others + len(name) + len(value) > limit:
+            raise FsError(errno.ENOSPC)
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO xattrs(inode, name, value) VALUES (?,?,?) "
+                "ON CONFLICT(inode, name) DO UPDATE SET value=excluded.value",
+                (ino, name, value),
+            )
+            self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (time.time_ns(), ino))
+
+    def remove_xattr(self, ino: int, name: bytes) -> None:
+        """Remove one attribute; ENODATA when there is none of that name."""
+        with self.transaction():
+            if (
+                self.db.execute(
+                    "DELETE FROM xattrs WHERE inode=? AND name=? RETURNING 1", (ino, name)
+                ).fetchone()
+                is None
+            ):
+                raise FsError(errno.ENODATA)
+            self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (time.time_ns(), ino))
 
     # -- cache entries: placement, recency, eviction -------------------------
 
@@ -790,11 +919,8 @@ class Index:
         if moved.is_dir:
             self._dir_paths.clear()
             files = self.db.execute(
-                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-                "SELECT e.inode, e.parent, e.name, i.entry FROM tree "
-                "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode "
-                f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}",
+                _names_below("inode=?") + "SELECT t.inode, t.parent, t.name, i.entry FROM tree t "
+                f"JOIN inodes i ON i.id = t.inode WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}",
                 (moved.id,),
             ).fetchall()
         elif moved.is_file:
@@ -805,6 +931,13 @@ class Index:
             new_entry = self._place_in_entry(ino, parent, name, now)
             if old_entry is not None and old_entry != new_entry:
                 self._drop_cache_entry_if_empty(old_entry)
+
+    def _move_to_survivor(
+        self, ino: int, entry_id: int, survivor: tuple[int, bytes], now: int
+    ) -> None:
+        """A hard-linked file lost a name: it now belongs to the entry of *survivor*."""
+        if self._place_in_entry(ino, *survivor, now) != entry_id:
+            self._drop_cache_entry_if_empty(entry_id)
 
     def _drop_cache_entry_if_empty(self, entry_id: int) -> None:
         if (
@@ -879,10 +1012,8 @@ class Index:
     def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
         """(parent, name, inode, cache entry) of every name in the tree under *root*."""
         rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(
-            "WITH RECURSIVE tree(id) AS (SELECT inode FROM entries WHERE parent=? UNION ALL "
-            "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-            "SELECT e.parent, e.name, e.inode, i.entry FROM tree "
-            "JOIN entries e ON e.inode = tree.id JOIN inodes i ON i.id = e.inode",
+            _names_below("parent=?") + "SELECT t.parent, t.name, t.inode, i.entry FROM tree t "
+            "JOIN inodes i ON i.id = t.inode",
             (root,),
         ).fetchall()
         return rows
@@ -1012,10 +1143,7 @@ class Index:
         with self.transaction():
             if key.startswith(b"d"):
                 names = self.db.execute(
-                    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                    "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-                    "SELECT e.parent, e.name, e.inode FROM tree "
-                    "JOIN entries e ON e.inode = tree.id",
+                    _names_below("inode=?") + "SELECT parent, name, inode FROM tree",
                     (root,),
                 ).fetchall()
                 top_parent = self.parent_of(root)
@@ -1027,17 +1155,38 @@ class Index:
                     "JOIN entries e ON e.inode = i.id WHERE i.entry=?",
                     (entry_id,),
                 ).fetchall()
+                # A hard link elsewhere is not part of this entry: it keeps
+                # the inode (and its content) alive.
+                names = [
+                    (parent, name, ino)
+                    for parent, name, ino in names
+                    if self._entry_key(ino, parent, name)[0] == key
+                ]
+            removed: dict[int, int] = {}
             for parent, name, ino in names:
                 self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+                removed[ino] = removed.get(ino, 0) + 1
+            now = time.time_ns()
+            for parent, name, ino in names:
+                result.names.append((parent, name, ino))
+                self._dir_paths.pop(ino, None)
+            for ino, count in removed.items():
+                survivor = self.link_of(ino)
+                if survivor is not None:
+                    (entry,) = self.db.execute(
+                        "UPDATE inodes SET nlink=nlink-?, ctime_ns=? WHERE id=? RETURNING entry",
+                        (count, now, ino),
+                    ).fetchone()
+                    if entry == entry_id:
+                        self._place_in_entry(ino, *survivor, now)
+                    continue
                 digest, size, entry = self.db.execute(
                     "UPDATE inodes SET nlink=0, entry=NULL WHERE id=? "
                     "RETURNING object, size, entry",
                     (ino,),
                 ).fetchone()
-                self._dir_paths.pop(ino, None)
                 if entry is not None and entry != entry_id:
                     others.add(entry)  # moved in under this directory: goes with it
-                result.names.append((parent, name, ino))
                 before = self.stored_bytes
                 if held(ino):
                     result.held.append(ino)
@@ -1078,6 +1227,19 @@ _S_IFMT = 0o170000
 _NS_FLOOR = 10**14
 _NS_MAX = (1 << 63) - 1
 _SETTABLE = frozenset({"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"})
+
+
+def _names_below(start: str) -> str:
+    """A `tree(parent, name, inode)` of the names matching *start* and every name below them.
+
+    It walks names, not inodes: a hard-linked file is reached through each
+    of its names below the start, never through a name elsewhere.
+    """
+    return (
+        "WITH RECURSIVE tree(parent, name, inode) AS ("
+        f"  SELECT parent, name, inode FROM entries WHERE {start} UNION ALL "
+        "  SELECT e.parent, e.name, e.inode FROM entries e JOIN tree t ON e.parent = t.inode) "
+    )
 
 
 def _prefixed(alias: str) -> str:

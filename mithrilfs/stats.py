@@ -119,7 +119,8 @@ class Snapshot:
 
 # Files below a directory, through the whole subtree.
 _SUBTREE_USAGE = (
-    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+    # UNION, not UNION ALL: a hard-linked file counts once, as du counts it.
+    "WITH RECURSIVE tree(id) AS (SELECT ? UNION "
     "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
     "SELECT coalesce(sum(i.size), 0), count(*) FROM tree JOIN inodes i ON i.id = tree.id "
     "WHERE i.object IS NOT NULL"

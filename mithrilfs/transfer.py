@@ -921,7 +921,8 @@ def export_class(
             raise UserError(
                 f"store {store} has no device class {class_name} (it has: {known or 'none'})", 1
             )
-        nodes = list(walk_tree(repo.index, root.id))
+        # FIFOs, sockets and device nodes are no cache content (import skips them too).
+        nodes = [(p, n) for p, n in walk_tree(repo.index, root.id) if not n.is_special]
         report = ExportReport(class_name, os.fspath(output), len(nodes))
         report.bytes = sum(node.size for _parts, node in nodes if node.is_file)
         meta = ExportMeta(class_name, report.entries, report.bytes, __version__)

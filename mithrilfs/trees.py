@@ -99,6 +99,11 @@ class Trees:
         if link is not None:  # an unlinked file is reached only through a checked handle
             self.check_change(*link, uid, gid, pid)
 
+    def tree_of(self, ino: int) -> str | None:
+        """The tree a linked *ino* is in (None when it has no name)."""
+        link = self.index.link_of(ino)
+        return None if link is None else self.index.tree_path(link[0])[0]
+
     # -- private roots ----------------------------------------------------------
 
     def private_root(self, tree: str) -> Inode | None:
@@ -151,7 +156,11 @@ class Trees:
         return None if found is None else found[2].id
 
     def _clonable(self, name: bytes, node: Inode) -> bool:
-        return not is_transient(name) and not (node.is_file and self.is_busy(node.id))
+        # A FIFO, socket or device node is no cache content: each tree has its own.
+        return not is_transient(name) and not node.is_special and not self._busy(node)
+
+    def _busy(self, node: Inode) -> bool:
+        return node.is_file and self.is_busy(node.id)
 
     def clone_missing(self, directory: int, only: bytes | None = None) -> Inode | None:
         """Clone shared names missing in a private *directory* (all of them, or *only*).
@@ -190,7 +199,7 @@ class Trees:
                     owner.uid,
                     owner.gid,
                     whole=source.is_dir and is_entry_root([*names, name]),
-                    skip=lambda node: node.is_file and self.is_busy(node.id),
+                    skip=lambda node: node.is_special or self._busy(node),
                 )
                 self.stats.inc("shared_hits_total", tree=tree)
         return cloned

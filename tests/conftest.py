@@ -14,11 +14,13 @@ import contextlib
 import faulthandler
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
@@ -169,6 +171,50 @@ class Mount:
         assert report.clean, "fsck found:\n" + "\n".join(
             f"{p.kind}: {p.detail}" for p in report.problems
         )
+
+
+@contextlib.contextmanager
+def older_version_mount(
+    commit: str, store: Path, workdir: Path, *extra_args: str
+) -> Iterator[Path]:
+    """A mount of *store* served by the package as it was at *commit* (format migrations).
+
+    Yields the mountpoint; unmounts and waits for a clean exit afterwards,
+    even when the body fails.
+    """
+    old = workdir / "old"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "mithrilfs"], capture_output=True, check=True
+    )
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(old, filter="data")
+    mountpoint = workdir / "old-mnt"
+    mountpoint.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mithrilfs", "mount", str(mountpoint), "--store", str(store),
+         "--foreground", *extra_args, "--log-file", str(workdir / "old.log")],
+        cwd=old,
+        env={**os.environ, "PYTHONPATH": str(old)},
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: os.path.ismount(mountpoint) and not is_stale(mountpoint),
+            MOUNT_DEADLINE,
+            "the old version's mount",
+            alive=lambda: proc.poll() is None,
+        )
+        yield mountpoint
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        try:
+            assert proc.wait(timeout=MOUNT_DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ both: the same return value (bytes read, bytes written) or the same errno.
 After every step the two trees must agree on every name, type, permission
 bits, link count, size, content and symlink target.  A handful of names is
 reused on purpose, so that creates collide, renames replace files and
-directories, and operations hit paths that are missing or of the wrong type.
+directories, hard links tie names together (and across cache entries), and
+operations hit paths that are missing or of the wrong type.
 
 Each example works in a fresh directory under one of the layouts (a Triton
 key, an inductor code-cache section, an FX graph entry, the mount root), so
@@ -255,6 +256,13 @@ class FilesystemModel(RuleBasedStateMachine):
 
         self.both(f"rename {src} {dst} flags={flags}", rename)
 
+    @rule(src=paths, dst=paths)
+    def link(self, src: str, dst: str) -> None:
+        self.both(
+            f"link {src} {dst}",
+            lambda root: os.link(os.path.join(root, src), os.path.join(root, dst)),
+        )
+
     @rule(path=paths, link_target=SYMLINK_TARGETS)
     def symlink(self, path: str, link_target: str) -> None:
         self.both(
@@ -457,6 +465,7 @@ def test_mount_behaves_like_a_native_directory(tmp_path: Path) -> None:
             f"compared ({sum(n for (_op, r), n in outcomes.items() if r == 'ok')} succeeded): "
             + ", ".join(f"{op} {r} {n}" for (op, r), n in sorted(outcomes.items()))
         )
+        assert outcomes["link", "ok"] > 0, "no hard link was made: the rule tests nothing"
         # Everything every example left behind survives a remount exactly.
         before = snapshot(str(native))
         mount.remount()

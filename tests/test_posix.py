@@ -726,26 +726,6 @@ def test_name_of_255_bytes_works_and_256_is_enametoolong(mount: Mount) -> None:
     assert_serving(mount)
 
 
-def test_hard_link_is_eperm(mount: Mount) -> None:
-    f = mount / "triton" / "f"
-    f.write_bytes(b"x")
-    with raises_errno(errno.EPERM):
-        os.link(f, mount / "triton" / "g")
-    assert os.listdir(mount / "triton") == ["f"]
-    assert os.stat(f).st_nlink == 1
-    assert_serving(mount)
-
-
-@pytest.mark.parametrize(
-    "kind", [stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR], ids=["fifo", "socket", "chardev"]
-)
-def test_mknod_of_special_file_is_eperm(mount: Mount, kind: int) -> None:
-    with raises_errno(errno.EPERM):
-        os.mknod(mount / "triton" / "special", kind | 0o644, os.makedev(1, 3))
-    assert os.listdir(mount / "triton") == []
-    assert_serving(mount)
-
-
 # -- loading code from the mount --------------------------------------------------------
 
 

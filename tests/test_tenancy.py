@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import io
 import json
 import os
 import pwd
@@ -23,8 +22,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,10 +35,9 @@ from mithrilfs import fsck, hooks, layouts
 from mithrilfs.cli import _parse_mount_options
 from mithrilfs.errors import UserError
 from mithrilfs.index import Index
-from mithrilfs.mounts import is_stale
 from mithrilfs.repository import INDEX_NAME, Repository
 from mithrilfs.tenancy import Trust
-from tests.conftest import MOUNT_DEADLINE, REPO, Mount, run_cli, wait_for
+from tests.conftest import REPO, Mount, older_version_mount, run_cli, wait_for
 
 
 @pytest.fixture
@@ -605,31 +601,8 @@ def test_a_store_from_before_tenancy_serves_its_trees_as_the_shared_tree(
     open_mount, tenants, tmp_path: Path
 ) -> None:
     a = tenants["mtu_a"]
-    old = tmp_path / "old"
-    old.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", BEFORE_TENANCY, "mithrilfs"],
-        capture_output=True,
-        check=True,
-    )
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(old, filter="data")
-    store, mountpoint = tmp_path / "m-store", tmp_path / "old-mnt"
-    mountpoint.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mithrilfs", "mount", str(mountpoint), "--store", str(store),
-         "--foreground", "--allow-other", "--log-file", str(tmp_path / "old.log")],
-        cwd=old,
-        env={**os.environ, "PYTHONPATH": str(old)},
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for(
-            lambda: os.path.ismount(mountpoint) and not is_stale(mountpoint),
-            MOUNT_DEADLINE,
-            "the old version's mount",
-            alive=lambda: proc.poll() is None,
-        )
+    store = tmp_path / "m-store"
+    with older_version_mount(BEFORE_TENANCY, store, tmp_path, "--allow-other") as mountpoint:
         assert not (mountpoint / "users").exists()
         for relative, data in SHARED_FILES.items():
             path = mountpoint / relative
@@ -638,15 +611,6 @@ def test_a_store_from_before_tenancy_serves_its_trees_as_the_shared_tree(
         (mountpoint / "triton" / "KEY" / "link").symlink_to("k.so")
         (mountpoint / "inductor" / "fxgraph" / "ab").chmod(0o700)
         before = tree_snapshot(mountpoint)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
-        try:
-            assert proc.wait(timeout=MOUNT_DEADLINE) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
     mount = open_mount("--allow-other", store=store)
     after = tree_snapshot(mount.mountpoint)
     assert after == before
