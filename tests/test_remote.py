@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import pwd
-import signal
 import socket
 import stat
 import subprocess
@@ -49,127 +48,13 @@ from mithrilfs.errors import UserError
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
 from tests.conftest import Mount, run_cli, wait_for
+from tests.redis_server import RedisCluster, RedisServer, free_port
 from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 CLASS = "cuda-sm90"
 OTHER_CLASS = "cuda-sm80"
-REDIS_DEADLINE = 20.0
 STATS_DEADLINE = 30.0
 PUBLISH_DEADLINE = 60.0  # backoff grows to 10 s while the tier is down
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    while True:
-        port = free_port()
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
-class RedisServer:
-    """A redis-server on loopback that a test can kill and start again on the same port."""
-
-    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
-        self.port = free_port() if port is None else port
-        self.password = password
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
-
-    def start(self, *options: str) -> None:
-        assert self.proc is None
-        config: list[str] = []
-        if self.password:
-            # In a file, not on redis-server's own command line, which every user can read.
-            conf = self.workdir / "redis.conf"
-            conf.touch(mode=0o600)
-            conf.write_text(f"requirepass {self.password}\n")
-            config.append(str(conf))
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                *config,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-                *options,
-            ],
-            stdin=subprocess.DEVNULL,
-        )
-        proc = self.proc
-        wait_for(self._answers, REDIS_DEADLINE, "redis-server", alive=lambda: proc.poll() is None)
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.ConnectionError:
-            return False
-
-    def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-
-class RedisCluster:
-    """Three redis-server processes in cluster mode (no replicas), on loopback."""
-
-    def __init__(self, workdir: Path, size: int = 3) -> None:
-        self.servers = [RedisServer(workdir / f"node{i}", free_cluster_port()) for i in range(size)]
-
-    def start(self) -> None:
-        for server in self.servers:
-            server.start("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-        subprocess.run(
-            ["redis-cli", "--cluster", "create"]
-            + [f"127.0.0.1:{server.port}" for server in self.servers]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
-        wait_for(self._ready, REDIS_DEADLINE, "the cluster to cover every slot")
-
-    def _ready(self) -> bool:
-        def state(server: RedisServer) -> object:
-            info = server.client().execute_command("CLUSTER INFO")  # parsed by redis-py
-            return info.get("cluster_state") if isinstance(info, dict) else info
-
-        return all(state(server) == "ok" for server in self.servers)
-
-    def kill(self) -> None:
-        for server in self.servers:
-            server.kill()
 
 
 @pytest.fixture
@@ -451,11 +336,11 @@ def test_publish_queue_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
         for ino in range(10, 15):
             tier.notify(ino)
         tier.notify(13)  # already queued: moves to the back, nothing dropped
-        assert list(tier._queue) == [12, 14, 13]
+        assert list(tier.publisher._queue) == [12, 14, 13]
         assert tier.backlog == 3
         assert counters.counters[("remote_errors_total", ())] == 2
-        tier._requeue([(10, 0.0), (11, 0.0)])  # a failed round goes back in front,
-        assert list(tier._queue) == [12, 14, 13]  # where it is the oldest: dropped first
+        tier.publisher._requeue([(10, 0.0), (11, 0.0)])  # a failed round goes back in front,
+        assert list(tier.publisher._queue) == [12, 14, 13]  # where it is the oldest: dropped first
         assert counters.counters[("remote_errors_total", ())] == 4
         tier.close()
     finally:
@@ -487,7 +372,7 @@ def test_a_bad_manifest_or_a_bug_is_a_remembered_miss(
             assert tier is not None
             for _ in range(3):
                 assert await tier.lookup(triton.id, b"FUTURE") is None
-            monkeypatch.setattr(tier, "_consult", bug)
+            monkeypatch.setattr(tier.fetcher, "_consult", bug)
             for _ in range(3):
                 assert await tier.lookup(triton.id, b"FINE") is None
 
