@@ -489,6 +489,70 @@ def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> Non
     wait_for_stats(c, lambda s: s["remote"]["misses"] >= 2, "remote misses")
 
 
+def test_special_nodes_stay_local_and_hard_links_publish_as_plain_files(
+    redis_server: RedisServer, nodes
+) -> None:  # type: ignore[no-untyped-def]
+    """FIFOs, sockets and device nodes are never published; every name of a hard-linked
+    file is a plain file of its own entry (one manifest line per name, one object)."""
+    a = nodes("a-store", "--remote", redis_server.url)
+    kernel = os.urandom(4096)
+    key = a.mountpoint / "triton/KEY"
+    key.mkdir()
+    (key / "k.so").write_bytes(kernel)
+    os.link(key / "k.so", key / "k2.so")  # two names in one entry
+    os.mkfifo(key / "pipe")
+    os.mknod(key / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(key / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    (key / "__grp__k.json").write_bytes(b"{}")
+    code = a.mountpoint / "inductor/xy"
+    code.mkdir()
+    # Entries of a special node alone (a stem and a single file): nothing to publish.
+    os.mknod(code / "cdev.so", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(code / "csock.so", stat.S_IFSOCK | 0o644)
+    os.mkfifo(code / ".fifo.tmp")
+    os.rename(code / ".fifo.tmp", code / "fifo")
+    client = redis_server.client()
+    wait_for(lambda: "triton/KEY" in entry_keys(client), STATS_DEADLINE, "the Triton entry")
+    # A name linked in after the first one was published: its entry follows.
+    os.link(key / "k.so", code / "clink.so")
+    # A name renamed into place: its own entry, not only the first name's.
+    os.link(key / "k.so", code / ".moved.tmp")
+    os.rename(code / ".moved.tmp", code / "cmoved.so")
+    wanted = {"triton/KEY", "inductor/xy/clink", "inductor/xy/cmoved"}
+    wait_for(lambda: entry_keys(client) == wanted, STATS_DEADLINE, "every name's entry")
+    a.stop()
+
+    digest = blake3.blake3(kernel).hexdigest()
+    group = manifest(client, "triton/KEY")
+    assert [(f["path"], f["blake3"]) for f in group["files"]] == [
+        ("__grp__k.json", blake3.blake3(b"{}").hexdigest()),
+        ("k.so", digest),
+        ("k2.so", digest),
+    ]
+    assert group["dirs"] == []
+    for stem in ("clink", "cmoved"):
+        entry = manifest(client, f"inductor/xy/{stem}")
+        assert [(f["path"], f["blake3"]) for f in entry["files"]] == [(f"{stem}.so", digest)]
+    objects = {key.decode() for key in client.scan_iter(match="mithrilfs:v1:obj:*")}
+    assert objects == {
+        f"mithrilfs:v1:obj:{digest}",
+        f"mithrilfs:v1:obj:{group['files'][0]['blake3']}",
+    }
+
+    b = nodes("b-store", "--remote", redis_server.url)
+    fetched = b.mountpoint / "triton/KEY"
+    assert sorted(os.listdir(fetched)) == ["__grp__k.json", "k.so", "k2.so"]
+    names = [fetched / "k.so", fetched / "k2.so", b.mountpoint / "inductor/xy/clink.so"]
+    names.append(b.mountpoint / "inductor/xy/cmoved.so")
+    infos = [os.lstat(path) for path in names]
+    assert all(stat.S_ISREG(info.st_mode) and info.st_nlink == 1 for info in infos)
+    assert len({info.st_ino for info in infos}) == len(names)  # plain files, not links
+    assert all(path.read_bytes() == kernel for path in names)
+    for special in ("cdev.so", "csock.so", "fifo"):
+        assert not (b.mountpoint / "inductor/xy" / special).exists(), special
+    assert sorted(os.listdir(b.mountpoint / "inductor/xy")) == ["clink.so", "cmoved.so"]
+
+
 def test_two_live_nodes_and_the_kernels_negative_entries(
     redis_server: RedisServer, make_mount, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
