@@ -44,7 +44,6 @@ import redis
 import trio
 
 from mithrilfs import remote, stats
-from mithrilfs.errors import UserError
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
 from tests.conftest import Mount, run_cli, wait_for
@@ -152,42 +151,6 @@ def nodes(make_mount, tmp_path: Path):  # type: ignore[no-untyped-def]
 # -- configuration ----------------------------------------------------------------------
 
 
-def test_remote_url_forms() -> None:
-    plain = remote.parse_remote("redis://cache.internal:6380/2")
-    assert (plain.client_url, plain.cluster, plain.timeout) == (
-        "redis://cache.internal:6380/2",
-        False,
-        remote.DEFAULT_TIMEOUT,
-    )
-    assert remote.parse_remote("rediss://h/0").client_url == "rediss://h:6379/0"
-    for url in ("redis+cluster://h:7000", "redis://h:7000?cluster=1", "rediss+cluster://h:7000"):
-        config = remote.parse_remote(url)
-        assert config.cluster, url
-        assert "cluster" not in config.client_url
-        assert "+" not in config.client_url
-    kept = remote.parse_remote("redis://h:1/0?cluster=0&ssl_cert_reqs=none", 1.5)
-    assert (kept.cluster, kept.timeout) == (False, 1.5)
-    assert kept.client_url.endswith("?ssl_cert_reqs=none")
-    acl_user = remote.parse_remote("redis://mithril@h:1/0", password="hunter2")
-    assert "hunter2" not in acl_user.display
-    assert "hunter2" not in repr(acl_user)
-    for secret in (
-        "redis://user:hunter2@h:1/0",
-        "redis://:hunter2@h:1/0",
-        "redis://h/0?password=x",
-    ):
-        with pytest.raises(UserError, match="remote-password-file"):
-            remote.parse_remote(secret)
-    for bad in ("http://h:1", "redis://", "redis://h:99999", "redis://h/x", "redis+cluster://h/3"):
-        with pytest.raises(UserError):
-            remote.parse_remote(bad)
-    assert remote.parse_timeout("200ms") == pytest.approx(0.2)
-    assert remote.parse_timeout("1s") == 1.0
-    for bad in ("0", "-1", "soon", "61"):
-        with pytest.raises(UserError):
-            remote.parse_timeout(bad)
-
-
 def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
@@ -216,76 +179,6 @@ def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         assert "hunter2" not in proc.stderr
         assert not os.path.ismount(mountpoint)
-
-
-def test_manifests_describe_only_their_own_entry() -> None:
-    digest = blake3.blake3(b"x").hexdigest()
-
-    def doc(entry: str, kind: str, paths: list[str], dirs: list[str] = ()) -> bytes:  # type: ignore[assignment]
-        return json.dumps(
-            {
-                "format": 1,
-                "class": CLASS,
-                "entry": entry,
-                "kind": kind,
-                "mtime_ns": 1,
-                "dirs": [{"path": d, "mode": 0o755} for d in dirs],
-                "files": [
-                    {"path": p, "mode": 0o644, "size": 1, "blake3": digest, "mtime_ns": 1}
-                    for p in paths
-                ],
-            }
-        ).encode()
-
-    def parse(entry: str, data: bytes) -> remote.Manifest:
-        return remote.Manifest.from_json(data, tuple(os.fsencode(p) for p in entry.split("/")))
-
-    ok = parse("triton/KEY", doc("triton/KEY", "dir", ["a.cubin", "sub/b"], ["sub"]))
-    assert [f.path for f in ok.files] == [(b"a.cubin",), (b"sub", b"b")]
-    assert parse("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cabc.so", "cabc.cpp"]))
-    round_trip = parse("triton/KEY", ok.to_json(CLASS))
-    assert round_trip == ok
-    hostile = [
-        ("triton/KEY", doc("triton/OTHER", "dir", ["a"])),  # not the entry asked for
-        ("triton/KEY", doc("triton/KEY", "dir", ["../escape"])),
-        ("triton/KEY", doc("triton/KEY", "dir", ["sub/b"])),  # directory not listed
-        ("triton/KEY", doc("triton/KEY", "dir", ["a", "a"])),
-        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cother.so"])),
-        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["x/cabc.so"])),
-        ("inductor/x.txt", doc("inductor/x.txt", "file", ["y.txt"])),
-        ("triton/KEY", b"not json"),
-        ("triton/KEY", doc("triton/KEY", "bogus", ["a"])),
-        ("triton/KEY", doc("triton/KEY", "dir", ["a"]).replace(digest.encode(), b"xyz")),
-    ]
-    two_sizes = json.loads(doc("triton/KEY", "dir", ["a", "b"]))
-    two_sizes["files"][1]["size"] = 2
-    empty = json.loads(doc("triton/KEY", "dir", ["a"]))
-    empty["files"][0]["blake3"] = blake3.blake3(b"").hexdigest()  # size 1: a lie
-    hostile += [
-        ("triton/KEY", json.dumps(two_sizes).encode()),
-        ("triton/KEY", json.dumps(empty).encode()),
-    ]
-    # Every number in range: SQLite and the kernel take at most 2**63 - 1 ns.
-    for field_name, value in (
-        ("mtime_ns", 1 << 63),
-        ("mtime_ns", -1),
-        ("size", 1 << 40),
-        ("size", 0),  # an empty file whose object is not the empty one
-        ("mode", 0o10000),
-        ("mode", True),
-    ):
-        bad_number = json.loads(doc("triton/KEY", "dir", ["a"]))
-        bad_number["files"][0][field_name] = value
-        hostile.append(("triton/KEY", json.dumps(bad_number).encode()))
-    bad_total = json.loads(doc("triton/KEY", "dir", ["a"]))
-    bad_total["mtime_ns"] = 1 << 63
-    hostile.append(("triton/KEY", json.dumps(bad_total).encode()))
-    latest = json.loads(doc("triton/KEY", "dir", ["a"]))
-    latest["files"][0]["mtime_ns"] = latest["mtime_ns"] = (1 << 63) - 1
-    assert parse("triton/KEY", json.dumps(latest).encode()).mtime_ns == (1 << 63) - 1
-    for entry, data in hostile:
-        with pytest.raises(remote.ManifestError):
-            parse(entry, data)
 
 
 def test_which_tree_a_path_is_in_and_who_owns_it() -> None:

@@ -115,15 +115,18 @@ def read_password_file(path: Path) -> str:
         raise UserError(f"{what}: no such file", 2) from None
     except OSError as exc:
         raise UserError(f"{what}: {exc.strerror}", 2) from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
+    try:
+        # Checked on the descriptor, before reading: a directory cannot be read at all.
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UserError(f"{what}: not a regular file", 2)
         if info.st_mode & 0o044:
             raise UserError(
                 f"{what}: readable by group or others; make it private (chmod 600 {path})", 2
             )
-        data = file.read(64 * 1024)
+        data = os.read(fd, 64 * 1024)
+    finally:
+        os.close(fd)
     try:
         password = data.decode().rstrip("\r\n")
     except UnicodeDecodeError:
