@@ -16,6 +16,7 @@ or a single file).  The modules, one idea each:
     backoff.py   skipping a tier that is down, remembering names it lacks
     client.py    redis-py in worker threads: probe, bounded fetch, publish
     local.py     the local tree as the tier sees it (which tree, whose)
+    part.py      what fetching and publishing share (`TierPart`)
     fetch.py     a local miss answered from the tier, installed whole or not at all
     publish.py   sealed entries sent to the tier in the background
     service.py   `Remote`, which builds the parts and is what fs.py calls

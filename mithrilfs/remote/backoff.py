@@ -92,9 +92,6 @@ class Health:
         self.stats = stats
         self.display = display
 
-    def ready(self) -> bool:
-        return self.backoff.ready(time.monotonic())
-
     def failed(self, reason: str) -> None:
         self.stats.inc("remote_errors_total")
         interval = self.backoff.failed(time.monotonic())
