@@ -598,6 +598,8 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EXDEV)  # a name belongs to one tree, and so does its inode
         node = self.index.link(ino, parent, new_name)
         self._shared_name_appeared(parent, new_name)
+        if self.remote is not None:
+            self.remote.notify_renamed(parent, new_name)  # the new name's entry
         return self._remember(node, self._layout_below(parent, new_name), tree)
 
     @guarded

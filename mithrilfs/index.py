@@ -845,6 +845,26 @@ class Index:
         offset, tree = split_tree(names)
         return tree, names[offset:]
 
+    def path_to(self, directory: int) -> tuple[list[bytes], list[int]]:
+        """Names and inodes from the class root (exclusive) down to *directory*;
+        both empty for the class root itself or a detached directory."""
+        return self._path_to(directory)
+
+    def links_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """(parent, name) of every name of *ino* (a hard-linked file has several)."""
+        rows: list[tuple[int, bytes]] = self.db.execute(
+            "SELECT parent, name FROM entries WHERE inode=? ORDER BY id", (ino,)
+        ).fetchall()
+        return rows
+
+    def names_with_stem(self, parent: int, stem: bytes) -> list[tuple[bytes, int]]:
+        """(name, inode) of the names ``<stem>.*`` in directory *parent*, sorted."""
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? AND name>=? AND name<? ORDER BY name",
+            (parent, stem + b".", stem + b"/"),
+        ).fetchall()
+        return rows
+
     def walk(self, start: int, names: Iterable[bytes]) -> Inode | None:
         """The directory reached from *start* through *names*, or None."""
         node: Inode | None = self.get(start)

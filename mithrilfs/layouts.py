@@ -117,3 +117,25 @@ def is_in_entry(parts: list[bytes]) -> bool:
     """Whether the directory at *parts* (from a tree's root) is an entry or inside one."""
     rule = entry_rule([*parts, b"x"])
     return rule.depth is not None and rule.depth <= len(parts)
+
+
+# -- what the shared tier needs to know (mithrilfs/remote/) ---------------------------
+
+# Triton writes a kernel's group file last: a Triton entry without one is unfinished.
+TRITON_GROUP_PREFIX = b"__grp__"
+
+
+def is_scratch(name: bytes) -> bool:
+    """Names compilers write under before renaming into place, and per-node lock files:
+    never published to, nor fetched from, the shared tier."""
+    return name.startswith((b".", b"tmp")) or name.endswith(b".lock")
+
+
+def is_triton_entry(path: tuple[bytes, ...]) -> bool:
+    """Whether the entry at *path* (from a tree's root) is a Triton kernel directory."""
+    return path[:1] == (b"triton",) or path[:2] == (b"inductor", b"triton")
+
+
+def is_triton_complete(names: list[bytes]) -> bool:
+    """Whether a Triton entry whose top-level file names are *names* has its group file."""
+    return any(name.startswith(TRITON_GROUP_PREFIX) for name in names)

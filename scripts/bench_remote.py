@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -58,17 +57,11 @@ if str(REPO) not in sys.path:
 
 from mithrilfs import stats  # noqa: E402
 from mithrilfs.repository import INDEX_NAME  # noqa: E402
+from tests.redis_server import RedisServer, free_port  # noqa: E402
 
 
 def log(message: str) -> None:
     print(f"[bench_remote] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def poll(predicate: Any, what: str, deadline: float = DEADLINE) -> None:
@@ -83,43 +76,12 @@ def poll(predicate: Any, what: str, deadline: float = DEADLINE) -> None:
 
 @contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(workdir / "redis.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_timeout=5)
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError("redis-server exited")
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
+    server = RedisServer(workdir)
+    server.start()
     try:
-        poll(answers, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        server.kill()
 
 
 @contextmanager

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import pwd
-import signal
 import socket
 import stat
 import subprocess
@@ -45,131 +44,16 @@ import redis
 import trio
 
 from mithrilfs import remote, stats
-from mithrilfs.errors import UserError
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
 from tests.conftest import Mount, run_cli, wait_for
+from tests.redis_server import RedisCluster, RedisServer, free_port
 from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 CLASS = "cuda-sm90"
 OTHER_CLASS = "cuda-sm80"
-REDIS_DEADLINE = 20.0
 STATS_DEADLINE = 30.0
 PUBLISH_DEADLINE = 60.0  # backoff grows to 10 s while the tier is down
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    while True:
-        port = free_port()
-        if port + 10000 >= 65536:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
-class RedisServer:
-    """A redis-server on loopback that a test can kill and start again on the same port."""
-
-    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None) -> None:
-        self.port = free_port() if port is None else port
-        self.password = password
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=5)
-
-    def start(self, *options: str) -> None:
-        assert self.proc is None
-        config: list[str] = []
-        if self.password:
-            # In a file, not on redis-server's own command line, which every user can read.
-            conf = self.workdir / "redis.conf"
-            conf.touch(mode=0o600)
-            conf.write_text(f"requirepass {self.password}\n")
-            config.append(str(conf))
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                *config,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-                *options,
-            ],
-            stdin=subprocess.DEVNULL,
-        )
-        proc = self.proc
-        wait_for(self._answers, REDIS_DEADLINE, "redis-server", alive=lambda: proc.poll() is None)
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.ConnectionError:
-            return False
-
-    def kill(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-
-class RedisCluster:
-    """Three redis-server processes in cluster mode (no replicas), on loopback."""
-
-    def __init__(self, workdir: Path, size: int = 3) -> None:
-        self.servers = [RedisServer(workdir / f"node{i}", free_cluster_port()) for i in range(size)]
-
-    def start(self) -> None:
-        for server in self.servers:
-            server.start("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
-        subprocess.run(
-            ["redis-cli", "--cluster", "create"]
-            + [f"127.0.0.1:{server.port}" for server in self.servers]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
-        wait_for(self._ready, REDIS_DEADLINE, "the cluster to cover every slot")
-
-    def _ready(self) -> bool:
-        def state(server: RedisServer) -> object:
-            info = server.client().execute_command("CLUSTER INFO")  # parsed by redis-py
-            return info.get("cluster_state") if isinstance(info, dict) else info
-
-        return all(state(server) == "ok" for server in self.servers)
-
-    def kill(self) -> None:
-        for server in self.servers:
-            server.kill()
 
 
 @pytest.fixture
@@ -267,42 +151,6 @@ def nodes(make_mount, tmp_path: Path):  # type: ignore[no-untyped-def]
 # -- configuration ----------------------------------------------------------------------
 
 
-def test_remote_url_forms() -> None:
-    plain = remote.parse_remote("redis://cache.internal:6380/2")
-    assert (plain.client_url, plain.cluster, plain.timeout) == (
-        "redis://cache.internal:6380/2",
-        False,
-        remote.DEFAULT_TIMEOUT,
-    )
-    assert remote.parse_remote("rediss://h/0").client_url == "rediss://h:6379/0"
-    for url in ("redis+cluster://h:7000", "redis://h:7000?cluster=1", "rediss+cluster://h:7000"):
-        config = remote.parse_remote(url)
-        assert config.cluster, url
-        assert "cluster" not in config.client_url
-        assert "+" not in config.client_url
-    kept = remote.parse_remote("redis://h:1/0?cluster=0&ssl_cert_reqs=none", 1.5)
-    assert (kept.cluster, kept.timeout) == (False, 1.5)
-    assert kept.client_url.endswith("?ssl_cert_reqs=none")
-    acl_user = remote.parse_remote("redis://mithril@h:1/0", password="hunter2")
-    assert "hunter2" not in acl_user.display
-    assert "hunter2" not in repr(acl_user)
-    for secret in (
-        "redis://user:hunter2@h:1/0",
-        "redis://:hunter2@h:1/0",
-        "redis://h/0?password=x",
-    ):
-        with pytest.raises(UserError, match="remote-password-file"):
-            remote.parse_remote(secret)
-    for bad in ("http://h:1", "redis://", "redis://h:99999", "redis://h/x", "redis+cluster://h/3"):
-        with pytest.raises(UserError):
-            remote.parse_remote(bad)
-    assert remote.parse_timeout("200ms") == pytest.approx(0.2)
-    assert remote.parse_timeout("1s") == 1.0
-    for bad in ("0", "-1", "soon", "61"):
-        with pytest.raises(UserError):
-            remote.parse_timeout(bad)
-
-
 def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
@@ -331,76 +179,6 @@ def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         assert "hunter2" not in proc.stderr
         assert not os.path.ismount(mountpoint)
-
-
-def test_manifests_describe_only_their_own_entry() -> None:
-    digest = blake3.blake3(b"x").hexdigest()
-
-    def doc(entry: str, kind: str, paths: list[str], dirs: list[str] = ()) -> bytes:  # type: ignore[assignment]
-        return json.dumps(
-            {
-                "format": 1,
-                "class": CLASS,
-                "entry": entry,
-                "kind": kind,
-                "mtime_ns": 1,
-                "dirs": [{"path": d, "mode": 0o755} for d in dirs],
-                "files": [
-                    {"path": p, "mode": 0o644, "size": 1, "blake3": digest, "mtime_ns": 1}
-                    for p in paths
-                ],
-            }
-        ).encode()
-
-    def parse(entry: str, data: bytes) -> remote.Manifest:
-        return remote.Manifest.from_json(data, tuple(os.fsencode(p) for p in entry.split("/")))
-
-    ok = parse("triton/KEY", doc("triton/KEY", "dir", ["a.cubin", "sub/b"], ["sub"]))
-    assert [f.path for f in ok.files] == [(b"a.cubin",), (b"sub", b"b")]
-    assert parse("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cabc.so", "cabc.cpp"]))
-    round_trip = parse("triton/KEY", ok.to_json(CLASS))
-    assert round_trip == ok
-    hostile = [
-        ("triton/KEY", doc("triton/OTHER", "dir", ["a"])),  # not the entry asked for
-        ("triton/KEY", doc("triton/KEY", "dir", ["../escape"])),
-        ("triton/KEY", doc("triton/KEY", "dir", ["sub/b"])),  # directory not listed
-        ("triton/KEY", doc("triton/KEY", "dir", ["a", "a"])),
-        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["cother.so"])),
-        ("inductor/ab/cabc", doc("inductor/ab/cabc", "stem", ["x/cabc.so"])),
-        ("inductor/x.txt", doc("inductor/x.txt", "file", ["y.txt"])),
-        ("triton/KEY", b"not json"),
-        ("triton/KEY", doc("triton/KEY", "bogus", ["a"])),
-        ("triton/KEY", doc("triton/KEY", "dir", ["a"]).replace(digest.encode(), b"xyz")),
-    ]
-    two_sizes = json.loads(doc("triton/KEY", "dir", ["a", "b"]))
-    two_sizes["files"][1]["size"] = 2
-    empty = json.loads(doc("triton/KEY", "dir", ["a"]))
-    empty["files"][0]["blake3"] = blake3.blake3(b"").hexdigest()  # size 1: a lie
-    hostile += [
-        ("triton/KEY", json.dumps(two_sizes).encode()),
-        ("triton/KEY", json.dumps(empty).encode()),
-    ]
-    # Every number in range: SQLite and the kernel take at most 2**63 - 1 ns.
-    for field_name, value in (
-        ("mtime_ns", 1 << 63),
-        ("mtime_ns", -1),
-        ("size", 1 << 40),
-        ("size", 0),  # an empty file whose object is not the empty one
-        ("mode", 0o10000),
-        ("mode", True),
-    ):
-        bad_number = json.loads(doc("triton/KEY", "dir", ["a"]))
-        bad_number["files"][0][field_name] = value
-        hostile.append(("triton/KEY", json.dumps(bad_number).encode()))
-    bad_total = json.loads(doc("triton/KEY", "dir", ["a"]))
-    bad_total["mtime_ns"] = 1 << 63
-    hostile.append(("triton/KEY", json.dumps(bad_total).encode()))
-    latest = json.loads(doc("triton/KEY", "dir", ["a"]))
-    latest["files"][0]["mtime_ns"] = latest["mtime_ns"] = (1 << 63) - 1
-    assert parse("triton/KEY", json.dumps(latest).encode()).mtime_ns == (1 << 63) - 1
-    for entry, data in hostile:
-        with pytest.raises(remote.ManifestError):
-            parse(entry, data)
 
 
 def test_which_tree_a_path_is_in_and_who_owns_it() -> None:
@@ -451,11 +229,11 @@ def test_publish_queue_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
         for ino in range(10, 15):
             tier.notify(ino)
         tier.notify(13)  # already queued: moves to the back, nothing dropped
-        assert list(tier._queue) == [12, 14, 13]
+        assert list(tier.publisher._queue) == [12, 14, 13]
         assert tier.backlog == 3
         assert counters.counters[("remote_errors_total", ())] == 2
-        tier._requeue([(10, 0.0), (11, 0.0)])  # a failed round goes back in front,
-        assert list(tier._queue) == [12, 14, 13]  # where it is the oldest: dropped first
+        tier.publisher._requeue([(10, 0.0), (11, 0.0)])  # a failed round goes back in front,
+        assert list(tier.publisher._queue) == [12, 14, 13]  # where it is the oldest: dropped first
         assert counters.counters[("remote_errors_total", ())] == 4
         tier.close()
     finally:
@@ -487,7 +265,7 @@ def test_a_bad_manifest_or_a_bug_is_a_remembered_miss(
             assert tier is not None
             for _ in range(3):
                 assert await tier.lookup(triton.id, b"FUTURE") is None
-            monkeypatch.setattr(tier, "_consult", bug)
+            monkeypatch.setattr(tier.fetcher, "_consult", bug)
             for _ in range(3):
                 assert await tier.lookup(triton.id, b"FINE") is None
 
@@ -602,6 +380,70 @@ def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> Non
     assert not (c.mountpoint / "inductor/fxgraph").exists()
     (c.mountpoint / "triton/KEY1").mkdir()  # and its own writes stay in its own class
     wait_for_stats(c, lambda s: s["remote"]["misses"] >= 2, "remote misses")
+
+
+def test_special_nodes_stay_local_and_hard_links_publish_as_plain_files(
+    redis_server: RedisServer, nodes
+) -> None:  # type: ignore[no-untyped-def]
+    """FIFOs, sockets and device nodes are never published; every name of a hard-linked
+    file is a plain file of its own entry (one manifest line per name, one object)."""
+    a = nodes("a-store", "--remote", redis_server.url)
+    kernel = os.urandom(4096)
+    key = a.mountpoint / "triton/KEY"
+    key.mkdir()
+    (key / "k.so").write_bytes(kernel)
+    os.link(key / "k.so", key / "k2.so")  # two names in one entry
+    os.mkfifo(key / "pipe")
+    os.mknod(key / "null", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(key / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    (key / "__grp__k.json").write_bytes(b"{}")
+    code = a.mountpoint / "inductor/xy"
+    code.mkdir()
+    # Entries of a special node alone (a stem and a single file): nothing to publish.
+    os.mknod(code / "cdev.so", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.mknod(code / "csock.so", stat.S_IFSOCK | 0o644)
+    os.mkfifo(code / ".fifo.tmp")
+    os.rename(code / ".fifo.tmp", code / "fifo")
+    client = redis_server.client()
+    wait_for(lambda: "triton/KEY" in entry_keys(client), STATS_DEADLINE, "the Triton entry")
+    # A name linked in after the first one was published: its entry follows.
+    os.link(key / "k.so", code / "clink.so")
+    # A name renamed into place: its own entry, not only the first name's.
+    os.link(key / "k.so", code / ".moved.tmp")
+    os.rename(code / ".moved.tmp", code / "cmoved.so")
+    wanted = {"triton/KEY", "inductor/xy/clink", "inductor/xy/cmoved"}
+    wait_for(lambda: entry_keys(client) == wanted, STATS_DEADLINE, "every name's entry")
+    a.stop()
+
+    digest = blake3.blake3(kernel).hexdigest()
+    group = manifest(client, "triton/KEY")
+    assert [(f["path"], f["blake3"]) for f in group["files"]] == [
+        ("__grp__k.json", blake3.blake3(b"{}").hexdigest()),
+        ("k.so", digest),
+        ("k2.so", digest),
+    ]
+    assert group["dirs"] == []
+    for stem in ("clink", "cmoved"):
+        entry = manifest(client, f"inductor/xy/{stem}")
+        assert [(f["path"], f["blake3"]) for f in entry["files"]] == [(f"{stem}.so", digest)]
+    objects = {key.decode() for key in client.scan_iter(match="mithrilfs:v1:obj:*")}
+    assert objects == {
+        f"mithrilfs:v1:obj:{digest}",
+        f"mithrilfs:v1:obj:{group['files'][0]['blake3']}",
+    }
+
+    b = nodes("b-store", "--remote", redis_server.url)
+    fetched = b.mountpoint / "triton/KEY"
+    assert sorted(os.listdir(fetched)) == ["__grp__k.json", "k.so", "k2.so"]
+    names = [fetched / "k.so", fetched / "k2.so", b.mountpoint / "inductor/xy/clink.so"]
+    names.append(b.mountpoint / "inductor/xy/cmoved.so")
+    infos = [os.lstat(path) for path in names]
+    assert all(stat.S_ISREG(info.st_mode) and info.st_nlink == 1 for info in infos)
+    assert len({info.st_ino for info in infos}) == len(names)  # plain files, not links
+    assert all(path.read_bytes() == kernel for path in names)
+    for special in ("cdev.so", "csock.so", "fifo"):
+        assert not (b.mountpoint / "inductor/xy" / special).exists(), special
+    assert sorted(os.listdir(b.mountpoint / "inductor/xy")) == ["clink.so", "cmoved.so"]
 
 
 def test_two_live_nodes_and_the_kernels_negative_entries(
