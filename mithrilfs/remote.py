@@ -96,6 +96,7 @@ import trio
 from mithrilfs import layouts
 from mithrilfs.errors import FsError, UserError
 from mithrilfs.index import Index, Inode, check_name
+from mithrilfs.interfaces import Growth, NameListener, Writers
 from mithrilfs.layouts import LAYOUT_ROOTS, entry_rule
 from mithrilfs.stats import Stats
 from mithrilfs.store import DIGEST_SIZE, EMPTY_DIGEST, ContentStore
@@ -1007,27 +1008,28 @@ class Remote:
         self._published: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         # Objects the tier served with the wrong bytes: overwritten when published.
         self._refused: set[bytes] = set()
-        self._is_busy: Callable[[int], bool] = lambda ino: False
-        self._stored: Callable[[], None] = lambda: None
-        self._appeared: Callable[[int, bytes], None] = lambda parent, name: None
+        # Set by `attach` before the mount serves (services.build_services).
+        self._is_busy: Callable[[int], bool]
+        self._stored: Callable[[], None]
+        self._appeared: Callable[[int, bytes], None]
         self._cap: int | None = None
 
     def attach(
         self,
         *,
-        is_busy: Callable[[int], bool],
-        stored: Callable[[], None],
-        appeared: Callable[[int, bytes], None],
+        writers: Writers,
+        growth: Growth,
+        names: NameListener,
         cap: int,
     ) -> None:
-        """Connect to the open-file layer, the evictor and the kernel (by `Operations`).
+        """Connect to the open-file layer, the evictor and the kernel's caches.
 
-        *appeared* is told about every name an install creates besides the one
+        *names* is told about every name an install creates besides the one
         being looked up: the kernel may still cache a negative entry for it.
         """
-        self._is_busy = is_busy
-        self._stored = stored
-        self._appeared = appeared
+        self._is_busy = writers.is_being_written
+        self._stored = growth.grew
+        self._appeared = names.name_appeared
         self._cap = cap
 
     @property

@@ -24,6 +24,7 @@ from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.openfiles import OpenFiles, hashing_threads
 from mithrilfs.repository import Repository
+from mithrilfs.services import build_services
 from mithrilfs.stats import Stats
 from mithrilfs.store import INLINE_HASH_LIMIT, hash_fd
 
@@ -85,7 +86,9 @@ def test_a_lookup_answers_a_miss_when_the_entry_is_evicted_during_its_verificati
     repo: Repository,
 ) -> None:
     _root, triton = class_tree(repo)
-    ops = Operations(repo.index, repo.content, _root, stats=Stats("cpu-test"), cap=1 << 30)
+    ops = Operations(
+        build_services(repo.index, repo.content, _root, stats=Stats("cpu-test"), cap=1 << 30)
+    )
     ctx = pyfuse3.RequestContext()
     hasher = GatedHasher()
 
