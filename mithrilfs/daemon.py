@@ -28,7 +28,7 @@ from mithrilfs.clock import clock_from
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
-from mithrilfs.index import SUPER_ROOT
+from mithrilfs.index import SUPER_ROOT, Index
 from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
@@ -138,7 +138,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     admin_socket: adminsock.Listening | None = None
     try:
         repo.recover()
-        root = _prepare_tree(repo, config)
+        root = prepare_tree(repo.index, config.device_class)
         cap = config.cap if config.cap is not None else _default_cap(config.store)
         repo.index.limit_wal(cap)
         stats = Stats(config.device_class)
@@ -312,16 +312,15 @@ async def _terminate_on_signal() -> None:
             return
 
 
-def _prepare_tree(repo: Repository, config: MountConfig) -> int:
+def prepare_tree(index: Index, device_class: str) -> int:
     """The class root this mount serves, with the layout roots and `users/` in it.
 
     `users/` is root's and 0711: anyone may pass through to their own tree,
     nobody but root may list whose trees exist (docs/security.md).  A store
     made before private trees existed gains it here and nothing else changes.
     """
-    index = repo.index
     owner = (os.geteuid(), os.getegid())
-    class_root = index.ensure_dir(SUPER_ROOT, config.device_class.encode(), 0o755, *owner)
+    class_root = index.ensure_dir(SUPER_ROOT, device_class.encode(), 0o755, *owner)
     for name in LAYOUT_ROOTS:
         index.ensure_dir(class_root.id, name.encode(), 0o755, *owner)
     index.ensure_dir(class_root.id, USERS_DIR, USERS_MODE, 0, 0)
