@@ -11,16 +11,13 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import pyfuse3
 import pytest
 import trio
 
-from mithrilfs import fsck
 from mithrilfs.clock import NS
 from mithrilfs.daemon import prepare_tree
 from mithrilfs.openfiles import OpenFiles
@@ -59,19 +56,6 @@ class Context:
 
 def context(uid: int = 0, gid: int = 0) -> pyfuse3.RequestContext:
     return cast(pyfuse3.RequestContext, Context(uid, gid))
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    """An empty store; fsck must find nothing in it when the test ends."""
-    repository = Repository.open(tmp_path / "store")
-    repository.recover()
-    try:
-        yield repository
-        report = fsck.check(repository.index, repository.content)
-        assert report.clean, [f"{p.kind}: {p.detail}" for p in report.problems]
-    finally:
-        repository.close()
 
 
 @pytest.fixture
