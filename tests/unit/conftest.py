@@ -2,7 +2,8 @@
 
 Nothing here needs root, /dev/fuse or a daemon: the objects are built
 directly (as `services.build_services` builds them for a mount) and the
-handlers are called as pyfuse3 would call them.  Every store is checked with
+handlers are called as pyfuse3 would call them.  Every store (the `repo`
+fixture of tests/conftest.py) is checked with
 fsck when its test ends, as the mount tier does.
 """
 
@@ -12,6 +13,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import pyfuse3
@@ -91,3 +93,14 @@ def write_file(files: OpenFiles, repo: Repository, parent: int, name: str, data:
 
     trio.run(write)
     return node.id
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything below tests/unit is the unit tier: `pytest -m unit` runs it alone.
+
+    pytest calls this hook with every collected item, not only this directory's.
+    """
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.unit)

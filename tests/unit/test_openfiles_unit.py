@@ -53,7 +53,8 @@ def test_a_release_seals_content_into_one_object_and_tells_the_listeners(
     trio.run(scenario)
     assert seals.seen == [(first, 10, True), (second, 10, False)]
     a, b = repo.index.get(first), repo.index.get(second)
-    assert a.object == b.object is not None
+    assert a.object is not None
+    assert b.object == a.object
     assert repo.content.object_path(a.object).read_bytes() == b"same bytes"
     assert files.staged_bytes() == 0
     assert repo.content.staging_files() == []

@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pyfuse3
@@ -180,17 +180,13 @@ def test_readdir_lists_every_name_and_resumes_from_an_offset(
     run(scenario)
 
 
-@dataclass
-class Fields:
-    """What setattr reads of pyfuse3's SetattrFields (whose fields are read-only)."""
+SETATTR_FIELDS = ("size", "mode", "uid", "gid", "atime", "mtime", "ctime")
 
-    update_size: bool = False
-    update_mode: bool = False
-    update_uid: bool = False
-    update_gid: bool = False
-    update_atime: bool = False
-    update_mtime: bool = False
-    update_ctime: bool = False
+
+def setattr_fields(*changed: str) -> pyfuse3.SetattrFields:
+    """What setattr reads of pyfuse3's SetattrFields (whose fields are read-only)."""
+    flags = {f"update_{name}": name in changed for name in SETATTR_FIELDS}
+    return cast(pyfuse3.SetattrFields, SimpleNamespace(**flags))
 
 
 def test_setattr_truncates_and_changes_the_mode(ops: Operations) -> None:
@@ -200,8 +196,7 @@ def test_setattr_truncates_and_changes_the_mode(ops: Operations) -> None:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_size = 4
         attrs.st_mode = stat.S_IFREG | 0o600
-        fields = cast(pyfuse3.SetattrFields, Fields(update_size=True, update_mode=True))
-        changed = await ops.setattr(ino, attrs, fields, None, CTX)
+        changed = await ops.setattr(ino, attrs, setattr_fields("size", "mode"), None, CTX)
         assert changed.st_size == 4
         assert stat.S_IMODE(changed.st_mode) == 0o600
         assert await read_file(ops, ino) == b"0123"
