@@ -164,7 +164,7 @@ class Operations(pyfuse3.Operations):
         return self.root if fuse_ino == pyfuse3.ROOT_INODE else fuse_ino
 
     def _fuse_ino(self, ino: int) -> pyfuse3.InodeT:
-        return self.kernel.fuse_ino(ino)
+        return pyfuse3.ROOT_INODE if ino == self.root else pyfuse3.InodeT(ino)
 
     def _attrs(self, node: Inode, tree: str | None = None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
