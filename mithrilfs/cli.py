@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from mithrilfs import __version__, control, device, fsck, hooks
+from mithrilfs.clock import clock_from
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import check_path_pattern, parse_duration, parse_size
 from mithrilfs.metrics import parse_listen
@@ -228,6 +229,10 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--log-file", type=Path, help="log here instead of stderr (foreground) or syslog (daemon)"
     )
+    # Test-only and hidden (docs/eviction.md): read once, at startup.
+    _clock_offset_argument(mount)
+    mount.add_argument("--expiry-interval", type=float, help=argparse.SUPPRESS)
+    mount.add_argument("--tree-usage-interval", type=float, help=argparse.SUPPRESS)
     mount.set_defaults(command=_cmd_mount)
 
     for name in ("umount", "unmount"):
@@ -361,7 +366,12 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         metrics_listen=settings.get("metrics_listen", options.metrics_listen),
         remote=_remote(settings, options),
         trust=Trust.parse(settings.get("trust", options.trust), os.geteuid()),
+        clock_offset_file=options.clock_offset_file,
     )
+    if options.expiry_interval is not None:
+        config.expiry_seconds = options.expiry_interval
+    if options.tree_usage_interval is not None:
+        config.tree_usage_seconds = options.tree_usage_interval
     if config.metrics_listen:
         parse_listen(config.metrics_listen)  # refuse a bad address before mounting
     return run_mount(config)
@@ -622,7 +632,17 @@ def _mount_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _clock_offset_argument(parser: argparse.ArgumentParser) -> None:
+    """Tests only: seconds in FILE are added to the clock that recency and ages use."""
+    parser.add_argument(
+        "--clock-offset-file",
+        type=lambda text: Path(text).absolute(),  # the daemon changes to / first
+        help=argparse.SUPPRESS,
+    )
+
+
 def _eviction_common(parser: argparse.ArgumentParser, timeout: float) -> None:
+    _clock_offset_argument(parser)
     parser.add_argument(
         "--dry-run", action="store_true", help="list what would go and the bytes freed"
     )
@@ -659,7 +679,12 @@ def _run_eviction(options: argparse.Namespace, request: control.Request) -> int:
             options.mountpoint.absolute(), request, timeout=options.timeout
         )
     else:
-        outcome = control.perform(_store(options), request, timeout=options.timeout)
+        outcome = control.perform(
+            _store(options),
+            request,
+            timeout=options.timeout,
+            clock=clock_from(options.clock_offset_file),
+        )
     if options.json:
         print(outcome.to_json())
     else:

@@ -39,6 +39,7 @@ from mithrilfs import adminsock, stats
 from mithrilfs.access import EVERYTHING, Authorize, Scope
 from mithrilfs.adminsock import Peer, RequestError
 from mithrilfs.classes import TreeUsage, tree_usage
+from mithrilfs.clock import SYSTEM_CLOCK, Clock
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import (
     BATCH_ENTRIES,
@@ -52,7 +53,7 @@ from mithrilfs.eviction import (
     plan,
     select_entries,
 )
-from mithrilfs.index import EvictedEntry
+from mithrilfs.index import EvictedEntry, Index
 from mithrilfs.mounts import FSTYPE, mount_table
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
 from mithrilfs.stats import Stats
@@ -178,7 +179,7 @@ def execute(
     evictor.recency.flush(index)
     cap = evictor.cap or None
     outcome = Outcome(
-        dry_run=request.dry_run, usage_before=evictor.usage(), cap=cap, now=evictor.clock()
+        dry_run=request.dry_run, usage_before=evictor.usage(), cap=cap, now=evictor.clock.now_ns()
     )
     planned: list[tuple[Candidate, int]] = []
     result = EvictionResult()
@@ -265,13 +266,16 @@ async def _run_async(steps: Generator[None, None, T]) -> T:
 # -- the command's side ----------------------------------------------------------
 
 
-def perform(store: Path, request: Request, timeout: float = DEFAULT_TIMEOUT) -> Outcome:
-    """Run *request* on *store*: through the daemon serving it if there is one, else offline."""
+def perform(
+    store: Path, request: Request, timeout: float = DEFAULT_TIMEOUT, clock: Clock = SYSTEM_CLOCK
+) -> Outcome:
+    """Run *request* on *store*: through the daemon serving it if there is one, else
+    offline, measuring ages against *clock* (a daemon uses its own)."""
     request.validate()
     store = store.absolute()
     mountpoint = serving_mountpoint(store)
     if mountpoint is None:
-        return run_offline(store, request)
+        return run_offline(store, request, clock)
     return perform_on_mount(mountpoint, request, timeout)
 
 
@@ -307,25 +311,33 @@ def serving_mountpoint(store: Path) -> Path | None:
     return Path(served[-1])
 
 
-def run_offline(store: Path, request: Request) -> Outcome:
+class _Tally:
+    """Offline removals per (device class, reason): [entries, bytes freed]."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.tallies: dict[tuple[str, str], list[int]] = {}
+
+    def entry_removed(self, removed: EvictedEntry, reason: str) -> None:
+        parent = removed.names[0][0]
+        device_class = os.fsdecode(self.index.class_of(parent) or b"")
+        tally = self.tallies.setdefault((device_class, reason), [0, 0])
+        tally[0] += 1
+        tally[1] += removed.bytes_freed
+
+
+def run_offline(store: Path, request: Request, clock: Clock = SYSTEM_CLOCK) -> Outcome:
     repo = Repository.open(store, create=False)
     try:
         repo.recover()
         index = repo.index
         saved_cap = index.get_meta("gauge.cap_bytes")
-        tallies: dict[tuple[str, str], list[int]] = {}
-
-        def count(removed: EvictedEntry, reason: str) -> None:
-            parent = removed.names[0][0]
-            device_class = os.fsdecode(index.class_of(parent) or b"")
-            tally = tallies.setdefault((device_class, reason), [0, 0])
-            tally[0] += 1
-            tally[1] += removed.bytes_freed
-
+        tally = _Tally(index)
+        tallies = tally.tallies
         cap = int(saved_cap) if isinstance(saved_cap, int | str) and saved_cap else 0
         if cap:
             index.limit_wal(cap)  # the WAL's room, as the daemon reserves it
-        evictor = Evictor(index, repo.content, cap, on_removed=count)
+        evictor = Evictor(index, repo.content, cap, listeners=[tally], clock=clock)
         outcome = _run_sync(execute(request, evictor))
         if tallies:
             _record_offline(evictor, tallies)

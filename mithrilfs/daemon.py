@@ -24,27 +24,28 @@ import pyfuse3
 import trio
 
 from mithrilfs import access, adminsock, control
+from mithrilfs.clock import clock_from
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
-from mithrilfs.index import SUPER_ROOT
+from mithrilfs.index import SUPER_ROOT, Index
 from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
-from mithrilfs.remote import Remote, RemoteConfig
+from mithrilfs.remote import RemoteConfig
 from mithrilfs.repository import INDEX_NAME, Repository
+from mithrilfs.services import Services, build_services
 from mithrilfs.stats import Snapshot, Stats, read_tree_usage
 from mithrilfs.tenancy import Trust
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
-# Per-tree usage for /metrics walks every tree: a slow pace, off the request path
-# (tests shorten it, docs/eviction.md).
-TREE_USAGE_SECONDS = float(os.environ.get("MITHRILFS_TREE_USAGE_SECONDS", "60"))
+# Per-tree usage for /metrics walks every tree: a slow pace, off the request path.
+TREE_USAGE_SECONDS = 60.0
 SYSLOG_SOCKET = "/dev/log"
-# How often max_age is enforced; tests shorten it (docs/eviction.md).
-EXPIRY_SECONDS = float(os.environ.get("MITHRILFS_EXPIRY_SECONDS", "60"))
+# How often max_age is enforced.
+EXPIRY_SECONDS = 60.0
 
 
 @dataclass
@@ -64,6 +65,11 @@ class MountConfig:
     remote: RemoteConfig | None = None  # the shared tier (--remote)
     trust: Trust | None = None  # writers of the shared tree; None: root and the mounting user
     extra_fuse_options: set[str] = field(default_factory=set)
+    # Test-only settings, from hidden options (docs/eviction.md): tests shorten
+    # the intervals and age entries by days without waiting days.
+    tree_usage_seconds: float = TREE_USAGE_SECONDS
+    expiry_seconds: float = EXPIRY_SECONDS
+    clock_offset_file: Path | None = None
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -132,41 +138,38 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
     admin_socket: adminsock.Listening | None = None
     try:
         repo.recover()
-        root = _prepare_tree(repo, config)
+        root = prepare_tree(repo.index, config.device_class)
         cap = config.cap if config.cap is not None else _default_cap(config.store)
         repo.index.limit_wal(cap)
         stats = Stats(config.device_class)
         stats.load_rows(iter(repo.index.load_counters()))
-        remote = None
-        if config.remote is not None:
-            remote = Remote(
-                config.remote, repo.index, repo.content, stats, config.device_class, root
-            )
-            log.info("shared tier: %s", config.remote.display)
-        ops = Operations(
+        services = build_services(
             repo.index,
             repo.content,
             root,
             stats=stats,
             cap=cap,
             max_age=config.max_age,
-            read_only=config.read_only,
-            xattrs=config.xattrs,
-            remote=remote,
+            remote_config=config.remote,
             trust=config.trust,
+            clock=clock_from(config.clock_offset_file),
         )
+        remote = services.remote
+        if config.remote is not None:
+            log.info("shared tier: %s", config.remote.display)
+        ops = Operations(services, read_only=config.read_only, xattrs=config.xattrs)
         collector = SnapshotCollector(config.device_class)
         # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
-        _save_stats(ops, collector)
+        _save_stats(services, collector)
         if config.metrics_listen:
             serve_metrics(config.metrics_listen, collector)
         # Bound before mounting: a command may ask as soon as the mount is ready.
         admin_socket = adminsock.Listening(adminsock.socket_path(config.mountpoint, os.geteuid()))
         admin = control.AdminService(
-            ops.evictor,
+            services.evictor,
             root,
-            access.authorize_by(ops.trust),
-            current=lambda: _save_stats(ops, collector),
+            access.authorize_by(services.trust),
+            current=lambda: _save_stats(services, collector),
         )
         repo.mark_in_use()
         try:
@@ -187,15 +190,17 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             config.mountpoint,
         )
         try:
-            trio.run(_serve_until_stopped, ops, collector, ready, admin_socket, admin)
+            trio.run(
+                _serve_until_stopped, ops, services, config, collector, ready, admin_socket, admin
+            )
         finally:
             ops.forget_all()
             # Always detach: after a signal (or an error) the kernel still has
             # the mount, and leaving it would leave a stale mountpoint.
             # Unmounting one the kernel already dropped is harmless.
             pyfuse3.close(unmount=True)
-            ops.evictor.recency.flush(ops.index)  # the reads of the last second count too
-            _save_stats(ops, collector)
+            services.evictor.flush_recency()  # the reads of the last second count too
+            _save_stats(services, collector)
             if remote is not None:
                 remote.close()
         clean = True
@@ -208,6 +213,8 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
 
 async def _serve_until_stopped(
     ops: Operations,
+    services: Services,
+    config: MountConfig,
     collector: SnapshotCollector,
     ready: Callable[[], None],
     admin_socket: adminsock.Listening,
@@ -215,48 +222,51 @@ async def _serve_until_stopped(
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(_supervised, "eviction", ops.evictor.run)
-        nursery.start_soon(_housekeeping, ops, collector)
+        nursery.start_soon(_supervised, "eviction", services.evictor.run)
+        nursery.start_soon(_housekeeping, ops, services, config, collector)
         # `mithrilfs stats` / `gc` / `evict` against this mount, and `whoami`.
         await nursery.start(adminsock.serve, admin_socket, admin.handle)
-        if ops.remote is not None:
-            await ops.remote.connect()  # bounded: a tier that is down only starts a backoff
-            nursery.start_soon(_supervised, "shared tier publishing", ops.remote.run)
-        ops.evictor.wake()  # the cap may have been lowered since the last mount
+        if services.remote is not None:
+            await services.remote.connect()  # bounded: a tier that is down only starts a backoff
+            nursery.start_soon(_supervised, "shared tier publishing", services.remote.run)
+        services.evictor.wake()  # the cap may have been lowered since the last mount
         ready()
         await pyfuse3.main()
-        if ops.remote is not None:
-            await ops.remote.drain()  # bounded: what was sealed last reaches the tier
+        if services.remote is not None:
+            await services.remote.drain()  # bounded: what was sealed last reaches the tier
         nursery.cancel_scope.cancel()
 
 
-async def _housekeeping(ops: Operations, collector: SnapshotCollector) -> None:
+async def _housekeeping(
+    ops: Operations, services: Services, config: MountConfig, collector: SnapshotCollector
+) -> None:
     """Batched work kept off the request path: recency, expiry, counters, and
     freeing the unlinked inodes whose free failed (a busy or full index)."""
+    evictor = services.evictor
     last_expiry = 0.0
-    last_usage = -TREE_USAGE_SECONDS
+    last_usage = -config.tree_usage_seconds
     while True:
         await trio.sleep(HOUSEKEEPING_SECONDS)
         if ops.unfreed and not ops.retry_frees():
             log.info("freed the inodes whose earlier free had failed")
         try:
-            ops.evictor.recency.flush(ops.index)
-            if trio.current_time() - last_usage > TREE_USAGE_SECONDS:
+            evictor.flush_recency()
+            if trio.current_time() - last_usage > config.tree_usage_seconds:
                 last_usage = trio.current_time()
                 # A walk of every tree: in a thread, on a connection of its own,
                 # so requests never wait for it.
-                ops.stats.tree_usage = await trio.to_thread.run_sync(
-                    read_tree_usage, ops.store.root / INDEX_NAME
+                services.stats.tree_usage = await trio.to_thread.run_sync(
+                    read_tree_usage, services.content.root / INDEX_NAME
                 )
             if (
-                ops.evictor.max_age is not None
-                and trio.current_time() - last_expiry > EXPIRY_SECONDS
+                evictor.max_age is not None
+                and trio.current_time() - last_expiry > config.expiry_seconds
             ):
                 last_expiry = trio.current_time()
-                result = ops.evictor.expire()
+                result = evictor.expire()
                 if result.entries:
                     log.info("dropped %d entries not read within max_age", result.entries)
-            _save_stats(ops, collector)
+            _save_stats(services, collector)
         except (sqlite3.Error, OSError) as exc:
             # A full disk must not take the mount down; try again next round.
             log.warning("housekeeping failed, will retry: %s", exc)
@@ -273,17 +283,17 @@ async def _supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
             await trio.sleep(1.0)
 
 
-def _save_stats(ops: Operations, collector: SnapshotCollector) -> Snapshot:
-    index, stats = ops.index, ops.stats
+def _save_stats(services: Services, collector: SnapshotCollector) -> Snapshot:
+    index, stats = services.index, services.stats
     stats.mark_saved()
     stats.set_gauge("logical_bytes", index.logical_bytes)
-    stats.set_gauge("store_bytes", ops.evictor.footprint())
+    stats.set_gauge("store_bytes", services.evictor.footprint())
     stats.set_gauge("object_bytes", index.stored_bytes)
     stats.set_gauge("objects", index.object_count)
     stats.set_gauge("entries", index.entry_count())
-    stats.set_gauge("cap_bytes", ops.evictor.cap)
-    if ops.remote is not None:
-        stats.set_gauge("remote_publish_backlog", ops.remote.backlog)
+    stats.set_gauge("cap_bytes", services.evictor.cap)
+    if services.remote is not None:
+        stats.set_gauge("remote_publish_backlog", services.remote.backlog)
     index.save_counters(stats.rows(), stats.gauges)
     collector.snapshot = stats.snapshot()
     return collector.snapshot
@@ -302,16 +312,15 @@ async def _terminate_on_signal() -> None:
             return
 
 
-def _prepare_tree(repo: Repository, config: MountConfig) -> int:
+def prepare_tree(index: Index, device_class: str) -> int:
     """The class root this mount serves, with the layout roots and `users/` in it.
 
     `users/` is root's and 0711: anyone may pass through to their own tree,
     nobody but root may list whose trees exist (docs/security.md).  A store
     made before private trees existed gains it here and nothing else changes.
     """
-    index = repo.index
     owner = (os.geteuid(), os.getegid())
-    class_root = index.ensure_dir(SUPER_ROOT, config.device_class.encode(), 0o755, *owner)
+    class_root = index.ensure_dir(SUPER_ROOT, device_class.encode(), 0o755, *owner)
     for name in LAYOUT_ROOTS:
         index.ensure_dir(class_root.id, name.encode(), 0o755, *owner)
     index.ensure_dir(class_root.id, USERS_DIR, USERS_MODE, 0, 0)

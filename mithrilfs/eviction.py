@@ -23,9 +23,11 @@ batch costs time in proportion to what it removes (a keyset walk up the
 `last_read` index), never in proportion to the size of the store.  Entries
 with a file being written are skipped: their newest bytes are not sealed yet.
 
-Every name removed is invalidated in the kernel by the `on_removed`
-callback, through pyfuse3's asynchronous queue, never from inside a request
-handler.
+Every entry removed is announced to the evictor's listeners
+(`interfaces.RemovalListener`): the counters, and the kernel's caches, which
+are invalidated through pyfuse3's asynchronous queue, never from inside a
+request handler.  Growth (a seal, a fetch) reaches the evictor through
+`grew`, which wakes the background task through a trio Event it owns.
 
 Besides the cap: `expire` drops entries not read within `max_age`, and
 `select_entries`/`plan` choose and price the entries that `mithrilfs evict`
@@ -39,16 +41,16 @@ import logging
 import math
 import os
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 import trio.lowlevel
 
+from mithrilfs.clock import SYSTEM_CLOCK, Clock
 from mithrilfs.errors import UserError
-from mithrilfs.index import EvictedEntry, Index
+from mithrilfs.index import Index
+from mithrilfs.interfaces import Holders, NothingHeld, NothingStaged, RemovalListener, Staging
 from mithrilfs.store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,6 @@ DEFAULT_CAP_FRACTION = 0.10
 DEFAULT_CAP_MIN = 1 << 30
 DEFAULT_CAP_MAX = 100 << 30
 NS = 1_000_000_000
-
-# Testing aid: a file holding seconds to add to the clock that recency and
-# expiry see (read at each use), so that tests age entries without waiting.
-CLOCK_OFFSET_ENV = "MITHRILFS_CLOCK_OFFSET_FILE"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -144,34 +142,16 @@ def default_cap(store_fs_bytes: int) -> int:
     return max(DEFAULT_CAP_MIN, min(DEFAULT_CAP_MAX, int(store_fs_bytes * DEFAULT_CAP_FRACTION)))
 
 
-def wall_clock_ns() -> int:
-    """Unix time in nanoseconds, as recency and expiry see it.
-
-    With MITHRILFS_CLOCK_OFFSET_FILE set (tests only), the seconds written in
-    that file are added; a missing or empty file adds nothing.
-    """
-    now = time.time_ns()
-    offset_file = os.environ.get(CLOCK_OFFSET_ENV)
-    if offset_file:
-        try:
-            text = Path(offset_file).read_text().strip()
-        except OSError:
-            text = ""
-        if text:
-            now += int(float(text) * NS)
-    return now
-
-
 @dataclass
 class Recency:
     """Entry reads seen since the last flush: entry id -> unix time (ns)."""
 
-    clock: Callable[[], int] = wall_clock_ns
+    clock: Clock = SYSTEM_CLOCK
     pending: dict[int, int] = field(default_factory=dict)
 
     def touch(self, entry_id: int | None, now: int | None = None) -> None:
         if entry_id is not None:
-            self.pending[entry_id] = self.clock() if now is None else now
+            self.pending[entry_id] = self.clock.now_ns() if now is None else now
 
     def flush(self, index: Index) -> int:
         if not self.pending:
@@ -204,25 +184,22 @@ class Evictor:
         content: ContentStore,
         cap: int,
         *,
-        staged_bytes: Callable[[], int] = lambda: 0,
-        largest_staged: Callable[[], int] = lambda: 0,
-        on_removed: Callable[[EvictedEntry, str], None] = lambda entry, reason: None,
-        is_busy: Callable[[int], bool] = lambda ino: False,
-        is_held: Callable[[int], bool] = lambda ino: False,
+        staging: Staging | None = None,
+        holders: Holders | None = None,
+        listeners: Sequence[RemovalListener] = (),
         max_age: float | None = None,
-        clock: Callable[[], int] = wall_clock_ns,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """*staging* and *holders* default to an offline store's: nothing written or held."""
         self.index = index
         self.content = content
         self.cap = cap
         self.max_age = max_age
         self.clock = clock
         self.recency = Recency(clock)
-        self._staged_bytes = staged_bytes
-        self._largest_staged = largest_staged
-        self._on_removed = on_removed
-        self._is_busy = is_busy
-        self._is_held = is_held
+        self.staging: Staging = staging if staging is not None else NothingStaged()
+        self.holders: Holders = holders if holders is not None else NothingHeld()
+        self.listeners = list(listeners)
         self._wake = trio.Event()
         # True while the background task runs, i.e. inside a serving daemon:
         # only then does `wake` remove entries on the spot.
@@ -234,7 +211,9 @@ class Evictor:
         """Bytes the store takes on disk now, as `du` counts them: the blocks
         of the objects (after dedup) and of the files being written, the
         shard directories, the index and its WAL."""
-        return self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes()
+        return (
+            self.index.allocated_bytes + self.staging.staged_bytes() + self.content.overhead_bytes()
+        )
 
     def usage(self) -> int:
         """What counts against the cap: the footprint, with the WAL counted at
@@ -244,12 +223,14 @@ class Evictor:
         eviction from chasing it."""
         floors = {self.index.wal_name: self.index.wal_limit}
         return (
-            self.index.allocated_bytes + self._staged_bytes() + self.content.overhead_bytes(floors)
+            self.index.allocated_bytes
+            + self.staging.staged_bytes()
+            + self.content.overhead_bytes(floors)
         )
 
     def pressure(self) -> int:
         """What must fit under the cap: usage less the largest file being written."""
-        return self.usage() - self._largest_staged()
+        return self.usage() - self.staging.largest_staged()
 
     def room(self) -> int:
         """Free space under the cap as `df` shows it: against the footprint, as `du` sees it."""
@@ -267,6 +248,18 @@ class Evictor:
         return self.pressure() > self.threshold()
 
     # -- the cap ------------------------------------------------------------
+
+    def flush_recency(self) -> int:
+        """Write the reads seen since the last flush to the index (housekeeping, unmount)."""
+        return self.recency.flush(self.index)
+
+    def grew(self) -> None:
+        """The store took in content (a seal, a fetch): evict if that brought it to the cap."""
+        if self.over_cap():
+            self.wake()
+
+    def file_sealed(self, ino: int, size: int, new_object: bool) -> None:
+        self.grew()
 
     def wake(self) -> None:
         """Eviction is due: make room now, and get to the low watermark soon.
@@ -370,7 +363,9 @@ class Evictor:
                 after = (last_read, entry_id)
                 if usage - freed <= target:
                     break
-                if any(self._is_busy(ino) for ino in self.index.entry_files(entry_id)):
+                if any(
+                    self.staging.is_being_written(ino) for ino in self.index.entry_files(entry_id)
+                ):
                     continue
                 candidate = Candidate(entry_id, _location(self.index, entry_id), last_read)
                 frees = _freed_by(self.index, entry_id, uses)
@@ -384,7 +379,7 @@ class Evictor:
         """Drop entries not read for longer than max_age (called periodically)."""
         if self.max_age is None:
             return EvictionResult()
-        return self.evict_older_than(self.clock() - int(self.max_age * NS))
+        return self.evict_older_than(self.clock.now_ns() - int(self.max_age * NS))
 
     def evict_older_than(self, cutoff: int, reason: str = "max_age") -> EvictionResult:
         """Remove every entry last read before *cutoff* (unix ns)."""
@@ -402,17 +397,20 @@ class Evictor:
 
     def _remove(self, entry_id: int, reason: str, result: EvictionResult) -> bool:
         files = self.index.entry_files(entry_id)
-        if any(self._is_busy(ino) for ino in files) or self.index.entry_in_progress(entry_id):
+        if any(self.staging.is_being_written(ino) for ino in files) or self.index.entry_in_progress(
+            entry_id
+        ):
             result.skipped += 1
             return False  # being written: never evict half-written work
-        removed = self.index.evict_entry(entry_id, self._is_held)
+        removed = self.index.evict_entry(entry_id, self.holders.is_held)
         if not removed.names:
             return False  # already gone
         for digest in removed.unused_objects:
             self.content.delete(digest)
         result.entries += 1
         result.bytes_freed += removed.bytes_freed
-        self._on_removed(removed, reason)
+        for listener in self.listeners:
+            listener.entry_removed(removed, reason)
         log.debug(
             "evicted entry %d (%s): %d names, %d bytes",
             entry_id,

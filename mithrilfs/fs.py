@@ -32,14 +32,11 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from mithrilfs.errors import FsError
-from mithrilfs.eviction import Evictor
 from mithrilfs.index import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     SUPER_ROOT,
-    EvictedEntry,
-    Index,
     Inode,
 )
 from mithrilfs.layouts import (
@@ -49,12 +46,8 @@ from mithrilfs.layouts import (
     USERS_TREE,
     layout_of,
 )
-from mithrilfs.openfiles import OpenFiles
-from mithrilfs.remote import Remote
-from mithrilfs.stats import Stats
-from mithrilfs.store import ContentStore
-from mithrilfs.tenancy import Trust
-from mithrilfs.trees import BeingWritten, Trees
+from mithrilfs.services import Services
+from mithrilfs.trees import BeingWritten
 from mithrilfs.xattrs import INODE_XATTR_BYTES
 from mithrilfs.xattrs import check_name as check_xattr_name
 
@@ -124,40 +117,25 @@ class Operations(pyfuse3.Operations):
 
     def __init__(
         self,
-        index: Index,
-        store: ContentStore,
-        root: int,
+        services: Services,
         *,
-        stats: Stats,
-        cap: int,
-        max_age: float | None = None,
         read_only: bool = False,
         xattrs: bool = False,
-        remote: Remote | None = None,
-        trust: Trust | None = None,
     ):
+        """Handlers over *services*, built and connected by `services.build_services`."""
         super().__init__()
-        self.index = index
-        self.store = store
-        self.root = root
+        self.index = services.index
+        self.store = services.content
+        self.root = services.root
         self.read_only = read_only
         self.xattrs = xattrs
-        self.stats = stats
-        self.files = OpenFiles(index, store, max_file_size=cap, on_sealed=self._sealed)
-        self.evictor = Evictor(
-            index,
-            store,
-            cap,
-            max_age=max_age,
-            staged_bytes=self.files.staged_bytes,
-            largest_staged=self.files.largest_staged,
-            is_busy=self.files.is_being_written,
-            is_held=self._is_held,
-            on_removed=self._evicted,
-        )
+        self.stats = services.stats
+        self.files = services.files
+        self.evictor = services.evictor
+        self.kernel = services.kernel
         # How many times the kernel holds each inode (lookup count); an
         # unlinked inode is freed only when this drops to zero.
-        self.lookups: dict[int, int] = {}
+        self.lookups = services.kernel.lookups
         # The layout (triton, inductor, other) of each inode the kernel holds,
         # for the per-layout counters.
         self.layouts: dict[int, str] = {}
@@ -165,8 +143,8 @@ class Operations(pyfuse3.Operations):
         # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
         # the kernel holds: for the per-tree counters and the presentation.
         self.held_trees: dict[int, str] = {}
-        self.trust = trust if trust is not None else Trust(frozenset({0, os.geteuid()}))
-        self.trees = Trees(index, root, self.trust, stats, is_busy=self.files.is_being_written)
+        self.trust = services.trust
+        self.trees = services.trees
         self.users = self.trees.users
         # Cache entries whose objects were all checked against their hashes.
         self.verified_entries: set[int] = set()
@@ -175,15 +153,10 @@ class Operations(pyfuse3.Operations):
         # The shared tier, consulted on a local miss; with it, a name the
         # kernel was told is missing may appear without passing through the
         # kernel, so negative lookups are cached only briefly.
-        self.remote = remote
-        self.negative_timeout = NEGATIVE_TIMEOUT if remote is None else remote.negative_ttl
-        if remote is not None:
-            remote.attach(
-                is_busy=self.files.is_being_written,
-                stored=self._grew,
-                appeared=self._appeared,
-                cap=cap,
-            )
+        self.remote = services.remote
+        self.negative_timeout = (
+            NEGATIVE_TIMEOUT if self.remote is None else self.remote.negative_ttl
+        )
 
     # -- inode numbers and attributes ---------------------------------------
 
@@ -255,31 +228,6 @@ class Operations(pyfuse3.Operations):
             return name.decode(errors="replace")
         return self.held_trees.get(parent, SHARED_TREE)
 
-    def _is_held(self, ino: int) -> bool:
-        """Asked by eviction before it drops *ino*'s content."""
-        if self.files.is_open(ino):
-            self.files.pin(ino)  # an open file keeps reading after its object is deleted
-            return True
-        return ino in self.lookups
-
-    def _sealed(self, ino: int, size: int, new_object: bool) -> None:
-        self.stats.inc("files_sealed_total")
-        if not new_object:
-            self.stats.inc("dedup_hits_total")
-        if self.remote is not None:
-            self.remote.notify(ino)
-        self._grew()
-
-    def _appeared(self, parent: int, name: bytes) -> None:
-        """A name came from the shared tier: drop a negative entry the kernel may hold."""
-        pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
-        self._shared_name_appeared(parent, name)
-
-    def _grew(self) -> None:
-        """The store took in content (a seal, a fetch from the shared tier)."""
-        if self.evictor.over_cap():
-            self.evictor.wake()
-
     async def _entry_intact(self, entry_id: int) -> bool:
         """Verify a whole cache entry the first time one of its names is looked up.
 
@@ -312,25 +260,6 @@ class Operations(pyfuse3.Operations):
         self.evictor.remove_entries(self.index.entries_using(digest), "integrity")
         self._maybe_free(ino)
 
-    def _evicted(self, removed: EvictedEntry, reason: str) -> None:
-        """Count an eviction (cap, max_age, gc, evict, integrity) and tell the kernel.
-
-        Every name it removed is invalidated through pyfuse3's queue, never
-        blocking this request; the name must vanish now, not when the kernel's
-        one-hour entry timeout runs out.
-        """
-        self.stats.inc("evictions_total", reason=reason)
-        self.stats.inc("evicted_bytes_total", removed.bytes_freed)
-        # Deepest names first.  A plain invalidation (no "deleted" inode):
-        # asking the kernel to delete a directory dentry fails with ENOTEMPTY
-        # while it still caches children, negative ones included.  Only names
-        # the kernel holds: it has no entry for an inode it never looked up,
-        # and before the FUSE handshake (eviction at mount, after the cap was
-        # lowered) libfuse refuses every notification with ENOSYS.
-        for parent, name, ino in reversed(removed.names):
-            if ino in self.lookups:
-                pyfuse3.invalidate_entry_async(self._fuse_ino(parent), name, ignore_enoent=True)
-
     def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
@@ -361,9 +290,7 @@ class Operations(pyfuse3.Operations):
         Only directories the kernel holds can have cached entries below them
         (and before the FUSE handshake nothing may be notified).
         """
-        for view in self.trees.views_of(parent, name):
-            if view in self.lookups:
-                pyfuse3.invalidate_entry_async(self._fuse_ino(view), name, ignore_enoent=True)
+        self.kernel.shared_name_appeared(parent, name)
 
     def _maybe_free(self, ino: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it.
@@ -809,8 +736,7 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self._writable()
         written = self.files.write(fh, off, buf)
-        if self.evictor.over_cap():
-            self.evictor.wake()
+        self.evictor.grew()
         return written
 
     @guarded

@@ -26,7 +26,7 @@ import errno
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import trio
 
 from mithrilfs.errors import FsError
 from mithrilfs.index import Index, Inode
+from mithrilfs.interfaces import SealListener
 from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
 
 
@@ -86,7 +87,7 @@ class OpenFiles:
         store: ContentStore,
         *,
         max_file_size: int | None = None,
-        on_sealed: Callable[[int, int, bool], None] = lambda ino, size, new_object: None,
+        listeners: Sequence[SealListener] = (),
         hasher: Callable[[int], tuple[bytes, int]] = hash_fd,
     ) -> None:
         self.index = index
@@ -98,7 +99,8 @@ class OpenFiles:
         # A file that can never fit under the cap is refused (EFBIG) rather
         # than evicting everything else and failing anyway.
         self.max_file_size = max_file_size
-        self._on_sealed = on_sealed
+        # Told about every seal: the counters, the evictor, the shared tier.
+        self.listeners = list(listeners)
         self._inodes: dict[int, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
@@ -421,4 +423,5 @@ class OpenFiles:
             os.close(state.object_fd)
         state.object_fd = self.store.open_object(digest)
         state.digest, state.size, state.dirty = digest, size, False
-        self._on_sealed(state.ino, size, new_object)
+        for listener in self.listeners:
+            listener.file_sealed(state.ino, size, new_object)

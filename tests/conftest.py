@@ -300,6 +300,19 @@ def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
     return make_mount()  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    """An empty store opened without a mount; fsck must find nothing in it when the test ends."""
+    repository = Repository.open(tmp_path / "store")
+    repository.recover()
+    try:
+        yield repository
+        report = fsck.check(repository.index, repository.content)
+        assert report.clean, [f"{p.kind}: {p.detail}" for p in report.problems]
+    finally:
+        repository.close()
+
+
 # -- an interpreter real test users can run ------------------------------------------
 #
 # The suite's own venv may sit where other users cannot read (a checkout under

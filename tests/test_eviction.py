@@ -31,7 +31,7 @@ from typing import Any
 import blake3
 import pytest
 
-from mithrilfs.eviction import CLOCK_OFFSET_ENV, LOW_WATERMARK
+from mithrilfs.eviction import LOW_WATERMARK
 from mithrilfs.repository import Repository
 from mithrilfs.store import EMPTY_DIGEST
 from tests.conftest import Mount, wait_for
@@ -621,9 +621,14 @@ def test_max_age_drops_entries_not_read_within_it(
 ) -> None:
     clock = tmp_path / "clock-offset"
     clock.write_text("0")
-    monkeypatch.setenv(CLOCK_OFFSET_ENV, os.fspath(clock))
-    monkeypatch.setenv("MITHRILFS_EXPIRY_SECONDS", "0.05")
-    mount: Mount = make_mount("-o", "cap=64M,max_age=7d")
+    mount: Mount = make_mount(
+        "-o",
+        "cap=64M,max_age=7d",
+        "--clock-offset-file",
+        os.fspath(clock),
+        "--expiry-interval",
+        "0.05",
+    )
     monkeypatch.setenv("TRITON_CACHE_DIR", os.fspath(mount / "triton"))
     stale, fresh = [e for e in make_entries("age", 4) if e.kind == "triton"]
     write_entry(mount.mountpoint, stale)

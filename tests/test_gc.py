@@ -32,11 +32,13 @@ from test_eviction import (
 )
 
 from mithrilfs.cli import main
-from mithrilfs.eviction import CLOCK_OFFSET_ENV
 from mithrilfs.repository import Repository
 from tests.conftest import Mount, wait_for
 
 DAY = 86400
+# Seconds added to the clock that recency and ages use, for the mounts below
+# and for offline commands given --clock-offset-file (a test-only option).
+CLOCK_OFFSET = "clock-offset"
 
 
 @dataclass
@@ -65,11 +67,14 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
 
 
 @pytest.fixture
-def cache(make_mount, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """A factory for mounts with Triton's cache pointed at them."""
+def cache(make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A factory for mounts with Triton's cache pointed at them, on the `clock` fixture's clock."""
+    offset = os.fspath(tmp_path / CLOCK_OFFSET)
 
     def start(*extra: str, name: str = "m", store: Path | None = None) -> Mount:
-        mount: Mount = make_mount("--cap", "64M", *extra, name=name, store=store)
+        mount: Mount = make_mount(
+            "--cap", "64M", "--clock-offset-file", offset, *extra, name=name, store=store
+        )
         monkeypatch.setenv("TRITON_CACHE_DIR", os.fspath(mount / "triton"))
         return mount
 
@@ -77,11 +82,11 @@ def cache(make_mount, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyp
 
 
 @pytest.fixture
-def clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
-    """Move the clock that recency and expiry see (daemons and commands alike)."""
-    offset = tmp_path / "clock-offset"
+def clock(tmp_path: Path) -> Callable[[float], None]:
+    """Move the clock that recency and expiry see (the `cache` mounts, and offline
+    commands given ``--clock-offset-file`` with this file)."""
+    offset = tmp_path / CLOCK_OFFSET
     offset.write_text("0")
-    monkeypatch.setenv(CLOCK_OFFSET_ENV, os.fspath(offset))
     return lambda seconds: offset.write_text(str(seconds))
 
 
@@ -213,7 +218,8 @@ def test_evict_older_than_offline(cache, cli, clock) -> None:  # type: ignore[no
     mount.stop()
     clock(8 * DAY)
 
-    dry = cli("evict", "--store", mount.store, "--older-than", "7d", "--dry-run")
+    moved = ("--clock-offset-file", mount.store.parent / CLOCK_OFFSET)
+    dry = cli("evict", "--store", mount.store, "--older-than", "7d", "--dry-run", *moved)
     assert dry.code == 0, dry.err
     place = mount_class(mount)
     listed = [line.split()[2] for line in dry.out.splitlines() if line.startswith("would evict ")]
@@ -221,7 +227,7 @@ def test_evict_older_than_offline(cache, cli, clock) -> None:  # type: ignore[no
     assert "would evict 3 entries" in dry.out
     assert "8.0d ago" in dry.out
 
-    result = cli("evict", "--store", mount.store, "--older-than", "7d")
+    result = cli("evict", "--store", mount.store, "--older-than", "7d", *moved)
     assert result.code == 0, result.err
     assert result.out.startswith("evicted 3 entries")
     assert counters(mount, "evictions_total") == {"evict": 3}

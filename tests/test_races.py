@@ -11,36 +11,21 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pyfuse3
-import pytest
 import trio
 import trio.testing
 
-from mithrilfs import fsck
 from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.openfiles import OpenFiles, hashing_threads
 from mithrilfs.repository import Repository
+from mithrilfs.services import build_services
 from mithrilfs.stats import Stats
 from mithrilfs.store import INLINE_HASH_LIMIT, hash_fd
 
 BIG = INLINE_HASH_LIMIT + 64 * 1024  # hashed in a worker thread
 WAIT = 10.0
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Iterator[Repository]:
-    repository = Repository.open(tmp_path / "store")
-    repository.recover()
-    try:
-        yield repository
-        report = fsck.check(repository.index, repository.content)
-        assert report.clean, [f"{p.kind}: {p.detail}" for p in report.problems]
-    finally:
-        repository.close()
 
 
 def class_tree(repo: Repository) -> tuple[int, int]:
@@ -85,7 +70,9 @@ def test_a_lookup_answers_a_miss_when_the_entry_is_evicted_during_its_verificati
     repo: Repository,
 ) -> None:
     _root, triton = class_tree(repo)
-    ops = Operations(repo.index, repo.content, _root, stats=Stats("cpu-test"), cap=1 << 30)
+    ops = Operations(
+        build_services(repo.index, repo.content, _root, stats=Stats("cpu-test"), cap=1 << 30)
+    )
     ctx = pyfuse3.RequestContext()
     hasher = GatedHasher()
 

@@ -307,9 +307,14 @@ def test_metrics_break_usage_and_hits_down_per_tree(
     from tests.test_stats import fetch_metrics, free_port, parse_samples, sample
 
     a = tenants["mtu_a"]
-    monkeypatch.setenv("MITHRILFS_TREE_USAGE_SECONDS", "0.2")
     port = free_port()
-    mount = open_mount("--allow-other", "--metrics-listen", f"127.0.0.1:{port}")
+    mount = open_mount(
+        "--allow-other",
+        "--metrics-listen",
+        f"127.0.0.1:{port}",
+        "--tree-usage-interval",
+        "0.2",
+    )
     populate_shared(mount)
     a.ok(f"cat {private(mount, a)}/triton/KEY/k.so > /dev/null")
 

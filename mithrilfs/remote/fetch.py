@@ -11,7 +11,7 @@ whole or not at all.  The budget for one lookup is ``remote_timeout`` (0.2 s
 by default) plus one second per `FETCH_FLOOR_RATE` bytes being fetched.
 Answers of "not there" are remembered for `NEGATIVE_TTL` seconds.  Names an
 install creates besides the one looked up (the ``.cpp`` that comes with a
-``.so``) are reported to *appeared*: the kernel may still hold a negative
+``.so``) are reported to the name listener: the kernel may still hold a negative
 entry for them.  What is fetched belongs to the tree's owner, with modes no
 one else may write through (`SAFE_MODE`).
 """
@@ -22,13 +22,13 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from mithrilfs.errors import FsError
 from mithrilfs.index import Inode
+from mithrilfs.interfaces import Growth, NameListener
 from mithrilfs.layouts import entry_rule, is_scratch
 from mithrilfs.remote.backoff import NegativeCache
 from mithrilfs.remote.client import (
@@ -65,8 +65,9 @@ class Fetcher(TierPart):
     def setup(self) -> None:
         self.negative = NegativeCache(self.config.negative_ttl)
         self._inflight: dict[tuple[bytes, ...], trio.Event] = {}
-        self.stored: Callable[[], None] = lambda: None
-        self.appeared: Callable[[int, bytes], None] = lambda parent, name: None
+        # Set by `Remote.attach` before the mount serves (services.build_services).
+        self.growth: Growth
+        self.names: NameListener
         self.cap: int | None = None
 
     def _query(self, parent: int, name: bytes) -> Query | None:
@@ -165,7 +166,7 @@ class Fetcher(TierPart):
         self.stats.inc("remote_hits_total")
         if fetched:
             self.stats.inc("remote_fetched_bytes_total", fetched)
-            self.stored()
+            self.growth.grew()
 
     def _refuse(self, query: Query, message: str, exc: Exception) -> None:
         """An entry the tier holds but this node will not take: one error, a remembered miss."""
@@ -287,7 +288,7 @@ class Fetcher(TierPart):
                 # may hold a negative entry for them from before.
                 for f in manifest.files:
                     if f.path[-1] != name:
-                        self.appeared(parent, f.path[-1])
+                        self.names.name_appeared(parent, f.path[-1])
             return True
         finally:
             staged.discard()

@@ -20,7 +20,7 @@ import collections
 import logging
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blake3
@@ -29,6 +29,7 @@ import trio
 from mithrilfs import layouts
 from mithrilfs.errors import FsError
 from mithrilfs.index import Inode
+from mithrilfs.interfaces import Writers
 from mithrilfs.layouts import entry_rule, is_scratch
 from mithrilfs.remote.client import PublishJob, RemoteUnavailable
 from mithrilfs.remote.keys import dirs_key, entry_key, namespace
@@ -69,7 +70,8 @@ class Publisher(TierPart):
         self._lock = trio.Lock()
         # entry key -> blake3 of the manifest last published from here
         self._published: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
-        self.is_busy: Callable[[int], bool] = lambda ino: False
+        # Set by `Remote.attach` before the mount serves (services.build_services).
+        self.writers: Writers
 
     @property
     def backlog(self) -> int:
@@ -337,6 +339,6 @@ class Publisher(TierPart):
 
     def _file_spec(self, relative: tuple[bytes, ...], node: Inode) -> FileSpec | None:
         """A sealed file as published; None while it is being written (it will be queued)."""
-        if self.is_busy(node.id) or node.object is None:
+        if self.writers.is_being_written(node.id) or node.object is None:
             return None
         return FileSpec(relative, stat.S_IMODE(node.mode), node.size, node.object, node.mtime_ns)

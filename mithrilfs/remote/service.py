@@ -8,11 +8,11 @@ tier served with the wrong bytes) and is what fs.py and the daemon call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import trio
 
 from mithrilfs.index import Index, Inode
+from mithrilfs.interfaces import Growth, NameListener, Writers
 from mithrilfs.remote.backoff import Backoff, Health
 from mithrilfs.remote.client import RedisTier, RemoteUnavailable
 from mithrilfs.remote.config import RemoteConfig
@@ -55,19 +55,19 @@ class Remote:
     def attach(
         self,
         *,
-        is_busy: Callable[[int], bool],
-        stored: Callable[[], None],
-        appeared: Callable[[int, bytes], None],
+        writers: Writers,
+        growth: Growth,
+        names: NameListener,
         cap: int,
     ) -> None:
-        """Connect to the open-file layer, the evictor and the kernel (by `Operations`).
+        """Connect to the open-file layer, the evictor and the kernel's caches.
 
-        *appeared* is told about every name an install creates besides the one
+        *names* is told about every name an install creates besides the one
         being looked up: the kernel may still cache a negative entry for it.
         """
-        self.publisher.is_busy = is_busy
-        self.fetcher.stored = stored
-        self.fetcher.appeared = appeared
+        self.publisher.writers = writers
+        self.fetcher.growth = growth
+        self.fetcher.names = names
         self.fetcher.cap = cap
 
     @property
