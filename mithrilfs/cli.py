@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from mithrilfs import __version__, control, device, fsck, hooks
 from mithrilfs.errors import UserError
-from mithrilfs.eviction import check_path_pattern, parse_duration, parse_size
+from mithrilfs.eviction import check_path_pattern
 from mithrilfs.metrics import parse_listen
 from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
 from mithrilfs.repository import (
@@ -34,6 +34,7 @@ from mithrilfs.repository import (
     store_in_use,
 )
 from mithrilfs.tenancy import Trust
+from mithrilfs.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig

@@ -100,6 +100,7 @@ from mithrilfs.layouts import LAYOUT_ROOTS, entry_rule
 from mithrilfs.stats import Stats
 from mithrilfs.store import DIGEST_SIZE, EMPTY_DIGEST, ContentStore
 from mithrilfs.tenancy import tree_owner
+from mithrilfs.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +268,8 @@ def read_password_file(path: Path) -> str:
 
 
 def parse_timeout(text: str) -> float:
-    """'0.2', '200ms', '1s' -> seconds."""
-    value = text.strip().lower()
-    scale = 1.0
-    if value.endswith("ms"):
-        value, scale = value[:-2], 0.001
-    elif value.endswith("s"):
-        value = value[:-1]
-    try:
-        seconds = float(value) * scale
-    except ValueError:
-        raise UserError(
-            f"invalid --remote-timeout '{text}': expected e.g. 0.2, 200ms, 1s", 2
-        ) from None
+    """'0.2', '200ms', '1s' -> seconds (units.parse_duration), at most a minute."""
+    seconds = parse_duration(text, "--remote-timeout")
     if not 0 < seconds <= 60:
         raise UserError("--remote-timeout must be between 0 and 60 seconds", 2)
     return seconds
