@@ -471,9 +471,13 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
     repo = Repository.open(store, create=False)
     verify = not options.quick
     try:
+        from mithrilfs.progress import Progress  # tqdm: only for the commands that show progress
+
+        shown = Progress("fsck: checking objects")
         first = report = fsck.check(
-            repo.index, repo.content, verify_hashes=verify, progress=fsck.tty_progress(sys.stderr)
+            repo.index, repo.content, verify_hashes=verify, progress=shown.update_to
         )
+        shown.finish()
         found = len(report.problems)
         if options.repair and found:
             fsck.repair(report)
@@ -723,6 +727,11 @@ def _add_operations_parsers(sub: argparse._SubParsersAction[argparse.ArgumentPar
     export.add_argument(
         "-o", "--output", type=Path, required=True, help="FILE.tar.zst, or - for stdout"
     )
+    export.add_argument(
+        "--special-nodes",
+        action="store_true",
+        help="also write FIFOs and device nodes (tar's own types; sockets are always left out)",
+    )
     _store_argument(export)
     export.set_defaults(command=_cmd_export)
 
@@ -762,7 +771,12 @@ def _cmd_import(options: argparse.Namespace) -> int:
 def _cmd_export(options: argparse.Namespace) -> int:
     from mithrilfs import transfer
 
-    report = transfer.export_class(_store(options), options.device_class, options.output)
+    report = transfer.export_class(
+        _store(options),
+        options.device_class,
+        options.output,
+        special_nodes=options.special_nodes,
+    )
     # stdout may be the archive itself.
     print(report.summary(), file=sys.stderr if str(options.output) == "-" else sys.stdout)
     return 0

@@ -98,7 +98,7 @@ from mithrilfs.errors import FsError, UserError
 from mithrilfs.index import Index, Inode, check_name
 from mithrilfs.layouts import LAYOUT_ROOTS, entry_rule
 from mithrilfs.stats import Stats
-from mithrilfs.store import DIGEST_SIZE, EMPTY_DIGEST, ContentStore
+from mithrilfs.store import DIGEST_SIZE, EMPTY_DIGEST, ContentStore, StagingWriter
 from mithrilfs.tenancy import tree_owner
 from mithrilfs.units import parse_duration
 
@@ -617,32 +617,6 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-class _StagingWriter:
-    """One object streamed into a staging file and hashed as it arrives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.hasher = blake3.blake3()
-
-    def write(self, data: bytes) -> None:
-        self.hasher.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def close(self) -> bytes:
-        os.close(self.fd)
-        self.fd = -1
-        return self.hasher.digest()
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.path.unlink(missing_ok=True)
-
-
 def fetch_rounds(
     sizes: dict[bytes, int], window: int = FETCH_WINDOW
 ) -> Iterator[list[tuple[bytes, int, int]]]:
@@ -738,7 +712,7 @@ class RedisTier:
         go straight to staging files.  Between round trips the thread looks
         at `staged.abandoned`: a fetch whose lookup gave up stops reading.
         """
-        writers: dict[bytes, _StagingWriter] = {}
+        writers: dict[bytes, StagingWriter] = {}
         try:
             digests = sorted(sizes)
             lengths = dict(
@@ -767,7 +741,7 @@ class RedisTier:
                             raise ManifestError(f"object {digest.hex()} changed while read")
                         writer = writers.get(digest)
                         if writer is None:
-                            writer = writers[digest] = _StagingWriter(self._staging_path())
+                            writer = writers[digest] = StagingWriter(self._staging_path())
                         writer.write(data)
                         staged.fetched_bytes += length
                         if offset + length == sizes[digest]:

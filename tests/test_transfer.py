@@ -230,6 +230,65 @@ def test_import_detects_an_archive_by_magic(tmp_path: Path) -> None:
     assert_fsck_clean(second)
 
 
+def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
+    tmp_path: Path,
+    make_mount,  # type: ignore[no-untyped-def]
+) -> None:
+    """Hard links come back as one inode (nlink 3, one object); FIFOs and device nodes
+    as tar's own types; user.* attributes in PAX records; sockets are skipped, counted."""
+    origin = make_mount("--device-class", CLASS, "--xattrs", name="origin")
+    key = origin / "triton" / "key"
+    key.mkdir()
+    (key / "a.bin").write_bytes(b"linked content " * 1000)
+    os.link(key / "a.bin", key / "b.bin")
+    (origin / "triton" / "other").mkdir()
+    os.link(key / "a.bin", origin / "triton" / "other" / "c.bin")
+    os.mkfifo(key / "fifo", 0o640)
+    os.mknod(key / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(key / "loop", stat.S_IFBLK | 0o660, os.makedev(7, 300))
+    os.mknod(key / "sock", stat.S_IFSOCK | 0o600)
+    os.setxattr(key / "a.bin", "user.origin", b"\xff\x00binary")
+    os.setxattr(key, "user.kind", b"entry")
+    origin.stop()
+
+    archive = tmp_path / "nodes.tar.zst"
+    out = ok("export", "--device-class", CLASS, "-o", archive, "--store", origin.store)
+    assert "left out 4 FIFOs, sockets and device nodes" in out, out  # by default
+    out = ok(
+        "export", "--special-nodes", "--device-class", CLASS, "-o", archive, "--store", origin.store
+    )
+    assert "left out 1 sockets" in out, out
+    out = ok("import", archive, "--store", tmp_path / "copy")
+    assert "2 hard links" in out, out
+    assert "3 FIFOs and device nodes" in out, out
+
+    copy = make_mount("--device-class", CLASS, "--xattrs", name="copy", store=tmp_path / "copy")
+    key = copy / "triton" / "key"
+    names = (key / "a.bin", key / "b.bin", copy / "triton" / "other" / "c.bin")
+    inodes = {os.stat(path).st_ino for path in names}
+    assert len(inodes) == 1
+    assert os.stat(key / "a.bin").st_nlink == 3
+    assert all(path.read_bytes() == b"linked content " * 1000 for path in names)
+    objects = set(file_objects(tmp_path / "copy").values())
+    assert len(objects) == 1  # one inode, one object, referenced once
+    assert objects.pop()[1] == 1
+    fifo, null, loop = (os.lstat(key / name) for name in ("fifo", "null", "loop"))
+    assert stat.S_ISFIFO(fifo.st_mode)
+    assert stat.S_IMODE(fifo.st_mode) == 0o640
+    assert stat.S_ISCHR(null.st_mode)
+    assert null.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(loop.st_mode)
+    assert loop.st_rdev == os.makedev(7, 300)
+    assert not os.path.lexists(key / "sock")
+    assert os.getxattr(key / "b.bin", "user.origin") == b"\xff\x00binary"
+    assert os.getxattr(key, "user.kind") == b"entry"
+
+    # Imported again: every name is already there, as it was.
+    copy.stop()
+    out = ok("import", archive, "--store", tmp_path / "copy")
+    assert "0 new objects, 1 deduplicated, 6 unchanged, 0 replaced" in out, out
+
+
 # -- dedup and the rules for names that exist ---------------------------------------------
 
 
@@ -440,6 +499,10 @@ def member(name: str, data: bytes = b"", **fields: Any) -> tuple[Any, bytes]:
     return info, data
 
 
+XATTR = "SCHILY.xattr."
+XATTR_USER = XATTR + "user.origin"
+
+
 def hostile_archives() -> dict[str, bytes]:
     import tarfile
 
@@ -461,10 +524,43 @@ def hostile_archives() -> dict[str, bytes]:
             [good, member("triton/k/l", type=tarfile.SYMTYPE, linkname="x" * 5000)]
         ),
         "dot-dot-name": export_with([good, member("triton/../../etc/passwd", b"x")]),
-        "fifo": export_with([good, member("triton/k/fifo", type=tarfile.FIFOTYPE)]),
-        "hard-link": export_with(
-            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin")]
+        "hard-link-to-a-missing-name": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/none")]
         ),
+        "hard-link-before-its-file": export_with(
+            [member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin"), good]
+        ),
+        "hard-link-to-a-directory": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k")]
+        ),
+        "hard-link-escaping": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="../../etc/passwd")]
+        ),
+        "hard-link-whose-file-is-replaced": export_with(
+            [
+                good,
+                member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin"),
+                member("triton/k/a.bin", type=tarfile.DIRTYPE),
+            ]
+        ),
+        "xattr-outside-user": export_with(
+            [good, member("triton/k/c.bin", b"c", pax_headers={XATTR + "security.capability": "x"})]
+        ),
+        "xattr-on-a-symlink": export_with(
+            [
+                good,
+                member(
+                    "triton/k/l",
+                    type=tarfile.SYMTYPE,
+                    linkname="a.bin",
+                    pax_headers={XATTR_USER: "v"},
+                ),
+            ]
+        ),
+        "xattr-value-over-64-KiB": export_with(
+            [good, member("triton/k/c.bin", b"c", pax_headers={XATTR_USER: "v" * (65 * 1024)})]
+        ),
+        "socket-type": export_with([good, member("triton/k/s", type=b"s")]),
     }
 
 
