@@ -289,6 +289,42 @@ def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
     assert "0 new objects, 1 deduplicated, 6 unchanged, 0 replaced" in out, out
 
 
+def test_a_directory_import_keeps_hard_links_and_user_xattrs(tmp_path: Path) -> None:
+    src, store = tmp_path / "src", tmp_path / "store"
+    (src / "key").mkdir(parents=True)
+    (src / "key" / "a.so").write_bytes(b"shared inode")
+    os.link(src / "key" / "a.so", src / "b.so")
+    os.setxattr(src / "key" / "a.so", "user.built-by", b"nvcc")
+    os.setxattr(src / "key", "user.kind", b"entry")
+    out = ok("import", src, "--layout", "triton", "--store", store, "--device-class", CLASS)
+    assert "1 hard links" in out, out
+    db = sqlite3.connect(store / "mithril.db")
+    try:
+        linked = db.execute(
+            "SELECT e.inode, i.nlink FROM entries e JOIN inodes i ON i.id = e.inode "
+            "WHERE e.name IN (?, ?)",
+            (b"a.so", b"b.so"),
+        ).fetchall()
+        attributes = db.execute("SELECT name, value FROM xattrs ORDER BY name").fetchall()
+    finally:
+        db.close()
+    assert len(linked) == 2
+    assert linked[0] == linked[1]
+    assert linked[0][1] == 2
+    assert attributes == [(b"user.built-by", b"nvcc"), (b"user.kind", b"entry")]
+    assert_fsck_clean(store)
+
+    # The same again: the link is already there; a file that stops being a link
+    # gets an inode of its own and leaves the other name's content alone.
+    os.unlink(src / "b.so")
+    (src / "b.so").write_bytes(b"a file of its own")
+    out = ok("import", src, "--layout", "triton", "--store", store, "--device-class", CLASS)
+    assert "1 replaced" in out, out
+    objects = file_objects(store)
+    assert objects[b"a.so"][0] != objects[b"b.so"][0]
+    assert_fsck_clean(store)
+
+
 # -- dedup and the rules for names that exist ---------------------------------------------
 
 
