@@ -8,6 +8,8 @@ mostly copying, shows the bytes beside them.
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from typing import IO
 
@@ -17,6 +19,9 @@ from mithrilfs.units import format_size
 
 # Redrawn at most this often: a terminal is slow next to an import of small files.
 REDRAW_S = 0.1
+# The terminal's size when it does not say (a pty nobody sized reports 0 by 0).
+DEFAULT_COLUMNS = 100
+DEFAULT_ROWS = 24
 
 
 class Progress:
@@ -36,13 +41,15 @@ class Progress:
         self.total_bytes = total_bytes
         self.bytes = 0
         shown_unit = f" {unit}" if unit else ""
+        columns, rows = _terminal_size(self.stream)
         self._bar = tqdm(
             total=total,
             desc=label,
             file=self.stream,
             disable=not self.enabled,
             mininterval=REDRAW_S,
-            dynamic_ncols=True,
+            ncols=columns,
+            nrows=rows,
             bar_format=(
                 "{desc} {n_fmt}/{total_fmt}" + shown_unit + "{postfix} ({percentage:3.0f}%) "
                 "|{bar:24}| {elapsed}<{remaining}"
@@ -81,3 +88,13 @@ class Progress:
     def finish(self) -> None:
         """Draw the final state and end the line (nothing when disabled)."""
         self._bar.close()
+
+
+def _terminal_size(stream: IO[str]) -> tuple[int | None, int | None]:
+    """The terminal's (columns, rows), for tqdm, which draws nothing on a terminal that
+    reports a size of 0 (a pty nobody sized); None where *stream* has none to ask."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None, None
+    return size.columns or DEFAULT_COLUMNS, size.lines or DEFAULT_ROWS
