@@ -243,6 +243,8 @@ def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
     os.link(key / "a.bin", key / "b.bin")
     (origin / "triton" / "other").mkdir()
     os.link(key / "a.bin", origin / "triton" / "other" / "c.bin")
+    os.symlink("a.bin", key / "s")
+    os.link(key / "s", key / "s2", follow_symlinks=False)
     os.mkfifo(key / "fifo", 0o640)
     os.mknod(key / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(key / "loop", stat.S_IFBLK | 0o660, os.makedev(7, 300))
@@ -259,7 +261,7 @@ def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
     )
     assert "left out 1 sockets" in out, out
     out = ok("import", archive, "--store", tmp_path / "copy")
-    assert "2 hard links" in out, out
+    assert "3 hard links" in out, out
     assert "3 FIFOs and device nodes" in out, out
 
     copy = make_mount("--device-class", CLASS, "--xattrs", name="copy", store=tmp_path / "copy")
@@ -280,13 +282,15 @@ def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
     assert stat.S_ISBLK(loop.st_mode)
     assert loop.st_rdev == os.makedev(7, 300)
     assert not os.path.lexists(key / "sock")
+    assert os.lstat(key / "s").st_ino == os.lstat(key / "s2").st_ino
+    assert os.readlink(key / "s2") == "a.bin"
     assert os.getxattr(key / "b.bin", "user.origin") == b"\xff\x00binary"
     assert os.getxattr(key, "user.kind") == b"entry"
 
     # Imported again: every name is already there, as it was.
     copy.stop()
     out = ok("import", archive, "--store", tmp_path / "copy")
-    assert "0 new objects, 1 deduplicated, 6 unchanged, 0 replaced" in out, out
+    assert "0 new objects, 1 deduplicated, 8 unchanged, 0 replaced" in out, out
 
 
 def test_a_directory_import_keeps_hard_links_and_user_xattrs(tmp_path: Path) -> None:

@@ -79,6 +79,9 @@ _SPECIAL_MEMBER_TYPES = {
     tarfile.BLKTYPE: stat.S_IFBLK,
 }
 
+# What a hard link may name: anything but a directory, as link(2) has it.
+_LINKABLE = (Kind.FILE, Kind.SYMLINK, Kind.SPECIAL)
+
 # Stages one member's bytes (read by the callable) and returns (digest, size).
 Stage = Callable[[Callable[[int], bytes]], tuple[bytes, int]]
 
@@ -265,27 +268,27 @@ def node_from_member(
 
 
 def _link_target(member: tarfile.TarInfo, plan: Plan) -> tuple[bytes, ...]:
-    """The earlier file or special node that a hard-link member names."""
+    """The earlier member (not a directory) that a hard-link member names."""
     target = archive_parts(member.linkname)
     node = plan.nodes.get(target)
     if node is not None and node.kind is Kind.HARDLINK:
         assert node.link is not None
         target, node = node.link, plan.nodes.get(node.link)
-    if node is None or node.kind not in (Kind.FILE, Kind.SPECIAL):
+    if node is None or node.kind not in _LINKABLE:
         raise BadArchive(
-            f"hard link {member.name!r} does not name a file or special node before it"
+            f"hard link {member.name!r} does not name a file, symlink or special node before it"
         )
     return target
 
 
 def check_links(plan: Plan) -> None:
-    """Every hard link still names a file or special node once the whole archive is read
+    """Every hard link still names a non-directory once the whole archive is read
     (a later member of the same name may have replaced what it named)."""
     for node in plan.nodes.values():
         if node.kind is Kind.HARDLINK:
             assert node.link is not None
             named = plan.nodes.get(node.link)
-            if named is None or named.kind not in (Kind.FILE, Kind.SPECIAL):
+            if named is None or named.kind not in _LINKABLE:
                 shown = b"/".join(node.parts).decode(TAR_ENCODING, TAR_ERRORS)
                 raise BadArchive(f"hard link {shown!r} names what a later member replaced")
 

@@ -341,7 +341,7 @@ class _Commit:
     uid: int = field(default_factory=os.geteuid)
     gid: int = field(default_factory=os.getegid)
     dirs: dict[tuple[bytes, ...], int] = field(default_factory=dict)
-    inodes: dict[tuple[bytes, ...], int] = field(default_factory=dict)  # files, special nodes
+    inodes: dict[tuple[bytes, ...], int] = field(default_factory=dict)  # what links may name
     new_dirs: list[tuple[int, int]] = field(default_factory=list)  # (inode, mtime_ns)
     unused: set[bytes] = field(default_factory=set)
 
@@ -458,7 +458,10 @@ def _apply_symlink(state: _Commit, node: Node, parent: int, existing: Inode | No
     assert node.target is not None
     state.report.symlinks += 1
     same = existing is not None and stat.S_ISLNK(existing.mode) and existing.target == node.target
-    _put_leaf(state, node, parent, existing, same, stat.S_IFLNK | node.mode, target=node.target)
+    mode = stat.S_IFLNK | node.mode
+    state.inodes[node.parts] = _put_leaf(
+        state, node, parent, existing, same, mode, target=node.target
+    )
 
 
 def _apply_special(state: _Commit, node: Node, parent: int, existing: Inode | None) -> None:

@@ -18,7 +18,7 @@ class Kind(Enum):
     FILE = "file"
     SYMLINK = "symlink"
     SPECIAL = "special"  # a FIFO or a device node: its inode row alone
-    HARDLINK = "hardlink"  # another name for the FILE or SPECIAL node at `link`
+    HARDLINK = "hardlink"  # another name for the (non-directory) node at `link`
 
 
 @dataclass(slots=True)
