@@ -346,10 +346,10 @@ def check_store_space(host: Host, store: Path) -> Check:
     if free < MIN_FREE_BYTES:
         return warn(
             name,
-            f"only {format_size(free)} free under {where}",
+            f"only {format_size(free, 'GiB')} free under {where}",
             "free space there, or move the store; keep --cap well below the free space",
         )
-    return ok(name, f"{format_size(free)} free under {where}")
+    return ok(name, f"{format_size(free, 'GiB')} free under {where}")
 
 
 def _existing_ancestor(host: Host, path: Path) -> Path:

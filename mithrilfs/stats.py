@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mithrilfs.layouts import SHARED_TREE, USERS_DIR
-from mithrilfs.units import format_duration, format_size
+from mithrilfs.units import format_size
 
 # name -> (help text, label names).  Names follow Prometheus conventions;
 # the exported metric is "mithrilfs_" + name.
@@ -338,7 +338,7 @@ def _age(saved_at: float | None, now: float | None) -> str:
         return "never (no daemon has served this store yet)"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved_at))
     age = max(0.0, (time.time() if now is None else now) - saved_at)
-    return f"{stamp} ({format_duration(age)} ago)"
+    return f"{stamp} ({age:.0f} s ago)"
 
 
 def _ratio(numerator: int, denominator: int) -> float:

@@ -45,12 +45,16 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(size: int) -> str:
-    """512 -> '512 B', 1536 -> '1.5 KiB', up to TiB; negative sizes keep their sign."""
+def format_size(size: int, unit: str | None = None) -> str:
+    """512 -> '512 B', 1536 -> '1.5 KiB', up to TiB; negative sizes keep their sign.
+
+    *unit* ('KiB' ... 'TiB') fixes the unit, for a message that compares a size
+    with a threshold given in it ('0.5 GiB free, below 1 GiB')."""
     value = float(size)
-    for unit in _SHOWN_SIZE_UNITS:
-        if abs(value) < 1024 or unit == _SHOWN_SIZE_UNITS[-1]:
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+    for shown in _SHOWN_SIZE_UNITS:
+        last = shown == _SHOWN_SIZE_UNITS[-1] or shown == unit
+        if (unit is None and abs(value) < 1024) or last:
+            return f"{size} B" if shown == "B" else f"{value:.1f} {shown}"
         value /= 1024
     raise AssertionError("unreachable")
 

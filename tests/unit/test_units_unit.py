@@ -51,6 +51,12 @@ def test_format_size(size: int, shown: str) -> None:
     assert format_size(size) == shown
 
 
+def test_format_size_in_a_fixed_unit() -> None:
+    assert format_size(1 << 29, "GiB") == "0.5 GiB"
+    assert format_size(3 << 40, "GiB") == "3072.0 GiB"
+    assert format_size(1536, "KiB") == "1.5 KiB"
+
+
 def test_a_shown_size_parses_back_to_about_itself() -> None:
     for size in (1536, 3 << 29, 7 << 40):
         number, unit = format_size(size).split()
