@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 from mithrilfs import __version__, control, device, fsck, hooks
 from mithrilfs.clock import clock_from
 from mithrilfs.errors import UserError
-from mithrilfs.eviction import check_path_pattern, parse_duration, parse_size
+from mithrilfs.eviction import check_path_pattern
 from mithrilfs.metrics import parse_listen
 from mithrilfs.mounts import FSTYPE, find_mount, fusermount_unmount
 from mithrilfs.repository import (
@@ -35,6 +35,7 @@ from mithrilfs.repository import (
     store_in_use,
 )
 from mithrilfs.tenancy import Trust
+from mithrilfs.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig
@@ -480,9 +481,13 @@ def _cmd_fsck(options: argparse.Namespace) -> int:
     repo = Repository.open(store, create=False)
     verify = not options.quick
     try:
+        from mithrilfs.progress import Progress  # tqdm: only for the commands that show progress
+
+        shown = Progress("fsck: checking objects")
         first = report = fsck.check(
-            repo.index, repo.content, verify_hashes=verify, progress=fsck.tty_progress(sys.stderr)
+            repo.index, repo.content, verify_hashes=verify, progress=shown.update_to
         )
+        shown.finish()
         found = len(report.problems)
         if options.repair and found:
             fsck.repair(report)
@@ -747,6 +752,11 @@ def _add_operations_parsers(sub: argparse._SubParsersAction[argparse.ArgumentPar
     export.add_argument(
         "-o", "--output", type=Path, required=True, help="FILE.tar.zst, or - for stdout"
     )
+    export.add_argument(
+        "--special-nodes",
+        action="store_true",
+        help="also write FIFOs and device nodes (tar's own types; sockets are always left out)",
+    )
     _store_argument(export)
     export.set_defaults(command=_cmd_export)
 
@@ -786,7 +796,12 @@ def _cmd_import(options: argparse.Namespace) -> int:
 def _cmd_export(options: argparse.Namespace) -> int:
     from mithrilfs import transfer
 
-    report = transfer.export_class(_store(options), options.device_class, options.output)
+    report = transfer.export_class(
+        _store(options),
+        options.device_class,
+        options.output,
+        special_nodes=options.special_nodes,
+    )
     # stdout may be the archive itself.
     print(report.summary(), file=sys.stderr if str(options.output) == "-" else sys.stdout)
     return 0

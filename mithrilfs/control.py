@@ -57,6 +57,7 @@ from mithrilfs.index import EvictedEntry, Index
 from mithrilfs.mounts import FSTYPE, mount_table
 from mithrilfs.repository import LOCK_NAME, Repository, holder_pid, store_in_use
 from mithrilfs.stats import Stats
+from mithrilfs.units import format_duration, format_size
 
 log = logging.getLogger(__name__)
 
@@ -465,8 +466,8 @@ def render_text(outcome: Outcome) -> str:
     if outcome.dry_run:
         for location, freed, last_read in outcome.listed:
             lines.append(
-                f"would evict {location}  ({_human(freed)} freed, "
-                f"last read {_age(outcome.now - last_read)} ago)"
+                f"would evict {location}  ({format_size(freed)} freed, "
+                f"last read {format_duration((outcome.now - last_read) / NS)} ago)"
             )
         verb = f"would evict {outcome.entries} entries, freeing"
         after = outcome.usage_before - outcome.bytes_freed
@@ -474,29 +475,12 @@ def render_text(outcome: Outcome) -> str:
         verb = f"evicted {outcome.entries} entries, freed"
         after = outcome.usage_after
     summary = (
-        f"{verb} {_human(outcome.bytes_freed)} ({outcome.bytes_freed} bytes); "
-        f"usage {_human(outcome.usage_before)} -> {_human(after)}"
+        f"{verb} {format_size(outcome.bytes_freed)} ({outcome.bytes_freed} bytes); "
+        f"usage {format_size(outcome.usage_before)} -> {format_size(after)}"
     )
     if outcome.cap:
-        summary += f" of a {_human(outcome.cap)} cap"
+        summary += f" of a {format_size(outcome.cap)} cap"
     if outcome.skipped:
         summary += f"; {outcome.skipped} entries being written were left alone"
     lines.append(summary)
     return "\n".join(lines) + "\n"
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # pragma: no cover
-
-
-def _age(ns: int) -> str:
-    seconds = max(0, ns) / NS
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds / length:.1f}{unit}"
-    return f"{seconds:.0f}s"

@@ -28,6 +28,7 @@ from typing import Literal
 from mithrilfs import device, hooks
 from mithrilfs.mounts import FSTYPE, MountEntry, mount_table
 from mithrilfs.repository import INDEX_NAME, default_store_dir, holder_pid
+from mithrilfs.units import format_size
 
 Status = Literal["ok", "warn", "FAIL"]
 
@@ -345,10 +346,10 @@ def check_store_space(host: Host, store: Path) -> Check:
     if free < MIN_FREE_BYTES:
         return warn(
             name,
-            f"only {_gib(free)} free under {where}",
+            f"only {format_size(free, 'GiB')} free under {where}",
             "free space there, or move the store; keep --cap well below the free space",
         )
-    return ok(name, f"{_gib(free)} free under {where}")
+    return ok(name, f"{format_size(free, 'GiB')} free under {where}")
 
 
 def _existing_ancestor(host: Host, path: Path) -> Path:
@@ -370,10 +371,6 @@ def _filesystem_of(host: Host, path: Path) -> MountEntry | None:
         if inside and (best is None or len(entry.mountpoint) >= len(best.mountpoint)):
             best = entry
     return best
-
-
-def _gib(size: int) -> str:
-    return f"{size / (1 << 30):.1f} GiB"
 
 
 # -- the mount ---------------------------------------------------------------------

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -69,35 +67,6 @@ DEFAULT_CAP_FRACTION = 0.10
 DEFAULT_CAP_MIN = 1 << 30
 DEFAULT_CAP_MAX = 100 << 30
 NS = 1_000_000_000
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_size(text: str) -> int:
-    """'500M', '50G', '1T', '1.5G', '4096' -> bytes (binary units; a trailing B or iB is fine)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", text.upper())
-    if not match:
-        raise UserError(
-            f"invalid size '{text}': expected a number with an optional unit "
-            "such as 500M, 50G or 1T",
-            2,
-        )
-    value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value < 1 or math.isinf(value):
-        raise UserError(f"invalid size '{text}': must be at least 1 byte", 2)
-    return int(value)
-
-
-def parse_duration(text: str) -> float:
-    """'7d', '12h', '30m', '90s', '2w' -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
-    if not match:
-        raise UserError(f"invalid duration '{text}': expected e.g. 90s, 30m, 12h, 7d or 2w", 2)
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
-    if math.isinf(seconds) or seconds * NS >= 1 << 62:
-        raise UserError(f"invalid duration '{text}': too long", 2)
-    return seconds
 
 
 def check_path_pattern(pattern: str) -> str:

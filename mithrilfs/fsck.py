@@ -30,11 +30,9 @@ without its file, so it is recreated instead.
 from __future__ import annotations
 
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from mithrilfs.index import SUPER_ROOT, Index, Inode
 from mithrilfs.layouts import PRIVATE_ROOT_MODE, USERS_DIR, USERS_MODE
@@ -455,31 +453,3 @@ def repair(report: Report) -> int:
             applied += 1
     report.repaired = applied
     return applied
-
-
-class TtyProgress:
-    """`check`'s progress as one line on a terminal, redrawn with '\\r'."""
-
-    INTERVAL_S = 0.1
-
-    def __init__(self, stream: TextIO, label: str = "checking objects") -> None:
-        self.stream = stream
-        self.label = label
-        self._drawn_at = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        last = done >= total
-        if not last and now - self._drawn_at < self.INTERVAL_S:
-            return
-        self._drawn_at = now
-        percent = 100 * done // total if total else 100
-        self.stream.write(f"\rfsck: {self.label} {done}/{total} ({percent}%)\x1b[K")
-        if last:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def tty_progress(stream: TextIO) -> TtyProgress | None:
-    """A progress indicator for *stream* when it is a terminal; None (quiet) otherwise."""
-    return TtyProgress(stream) if stream.isatty() else None

@@ -1029,6 +1029,16 @@ class Index:
         ).fetchall()
         return rows
 
+    # -- offline export (transfer/exporting.py) -------------------------------
+
+    def children_by_name(self, parent: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every entry of *parent*, names in byte order (an export's
+        member order, which makes exports of the same tree identical)."""
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (parent,)
+        ).fetchall()
+        return rows
+
     def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
         """(parent, name, inode, cache entry) of every name in the tree under *root*."""
         rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(

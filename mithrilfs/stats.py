@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mithrilfs.layouts import SHARED_TREE, USERS_DIR
+from mithrilfs.units import format_size
 
 # name -> (help text, label names).  Names follow Prometheus conventions;
 # the exported metric is "mithrilfs_" + name.
@@ -306,25 +307,25 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(
             f"  tree {name:<16} {counts['hit']} hits ({counts['from_shared']} from shared), "
             f"{counts['miss']} misses, {counts['files']} files, "
-            f"{human_bytes(counts['logical_bytes'])}"
+            f"{format_size(counts['logical_bytes'])}"
         )
     lines += [
-        f"used          {human_bytes(summary['store_bytes'])} of "
-        f"{human_bytes(summary['cap_bytes'])} cap ({_percent(summary['used_fraction'])})",
+        f"used          {format_size(summary['store_bytes'])} of "
+        f"{format_size(summary['cap_bytes'])} cap ({_percent(summary['used_fraction'])})",
         f"dedup ratio   {summary['dedup_ratio']:.2f}x  "
-        f"({human_bytes(summary['logical_bytes'])} of files in "
-        f"{human_bytes(summary['object_bytes'])} stored, {summary['objects']} objects)",
+        f"({format_size(summary['logical_bytes'])} of files in "
+        f"{format_size(summary['object_bytes'])} stored, {summary['objects']} objects)",
         f"entries       {summary['entries']}",
         f"sealed        {summary['files_sealed']} files ({summary['dedup_hits']} deduplicated)",
         f"evictions     {summary['evictions']} entries, "
-        f"{human_bytes(summary['evicted_bytes'])} freed",
+        f"{format_size(summary['evicted_bytes'])} freed",
         f"integrity     {summary['integrity_failures']} corrupt objects caught",
     ]
     remote = summary["remote"]
     if any(remote.values()):
         lines.append(
             f"shared tier   {remote['hits']} hits, {remote['misses']} misses, "
-            f"{remote['errors']} errors, {human_bytes(remote['fetched_bytes'])} fetched, "
+            f"{remote['errors']} errors, {format_size(remote['fetched_bytes'])} fetched, "
             f"backlog {remote['publish_backlog']}"
         )
     lines.append(f"saved         {_age(summary.get('saved_at'), now)}")
@@ -346,12 +347,3 @@ def _ratio(numerator: int, denominator: int) -> float:
 
 def _percent(value: float) -> str:
     return f"{100 * value:5.1f}%"
-
-
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -22,7 +22,8 @@ import errno
 import itertools
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -53,6 +54,50 @@ def block_size(path: Path) -> int:
     """The allocation unit of the filesystem holding *path* (what `du` rounds to)."""
     backing = os.statvfs(path)
     return backing.f_frsize or backing.f_bsize or DEFAULT_BLOCK
+
+
+class StagingWriter:
+    """One new object streamed into a staging file and hashed as it arrives.
+
+    The one way content enters the store other than an open file's staging
+    copy (openfiles.py): `ContentStore.stage` and `put`, imports, and the
+    shared tier's fetches, which write several objects a round trip at a time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.hasher = blake3.blake3()
+
+    def write(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> bytes:
+        """Close the file; return the digest of everything written."""
+        os.close(self.fd)
+        self.fd = -1
+        digest: bytes = self.hasher.digest()
+        return digest
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A finished staging file: what `ContentStore.publish` takes."""
+
+    path: Path
+    digest: bytes
+    size: int
 
 
 DEFAULT_BLOCK = 4096
@@ -178,6 +223,32 @@ class ContentStore:
         path = self.staging_dir / f"{inode}.{os.getpid()}.{next(self._staging_names)}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return path, fd
+
+    def stage(self, read: Callable[[int], bytes], tag: str = "put") -> Staged:
+        """Copy everything *read* yields into a new staging file, hashing it on the way.
+
+        The file is left for the caller to `publish` (or delete): an import
+        stages everything before it publishes anything.
+        """
+        writer = StagingWriter(
+            self.staging_dir / f"{tag}.{os.getpid()}.{next(self._staging_names)}"
+        )
+        try:
+            while chunk := read(_CHUNK):
+                writer.write(chunk)
+            digest = writer.close()
+        except BaseException:
+            writer.discard()
+            raise
+        return Staged(writer.path, digest, writer.size)
+
+    def put(self, read: Callable[[int], bytes]) -> tuple[bytes, int]:
+        """Store everything *read* yields as an object (staged, then published,
+        deduplicated); return its digest and size.  The caller references it in
+        the index afterwards: until then it is an orphan that recovery removes."""
+        staged = self.stage(read)
+        self.publish(staged.path, staged.digest)
+        return staged.digest, staged.size
 
     def copy_object_into(self, digest: bytes, dest_fd: int, length: int) -> None:
         """Copy the first *length* bytes of an object into *dest_fd* (copy on write)."""

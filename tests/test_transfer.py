@@ -230,6 +230,105 @@ def test_import_detects_an_archive_by_magic(tmp_path: Path) -> None:
     assert_fsck_clean(second)
 
 
+def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
+    tmp_path: Path,
+    make_mount,  # type: ignore[no-untyped-def]
+) -> None:
+    """Hard links come back as one inode (nlink 3, one object); FIFOs and device nodes
+    as tar's own types; user.* attributes in PAX records; sockets are skipped, counted."""
+    origin = make_mount("--device-class", CLASS, "--xattrs", name="origin")
+    key = origin / "triton" / "key"
+    key.mkdir()
+    (key / "a.bin").write_bytes(b"linked content " * 1000)
+    os.link(key / "a.bin", key / "b.bin")
+    (origin / "triton" / "other").mkdir()
+    os.link(key / "a.bin", origin / "triton" / "other" / "c.bin")
+    os.symlink("a.bin", key / "s")
+    os.link(key / "s", key / "s2", follow_symlinks=False)
+    os.mkfifo(key / "fifo", 0o640)
+    os.mknod(key / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(key / "loop", stat.S_IFBLK | 0o660, os.makedev(7, 300))
+    os.mknod(key / "sock", stat.S_IFSOCK | 0o600)
+    os.setxattr(key / "a.bin", "user.origin", b"\xff\x00binary")
+    os.setxattr(key, "user.kind", b"entry")
+    origin.stop()
+
+    archive = tmp_path / "nodes.tar.zst"
+    out = ok("export", "--device-class", CLASS, "-o", archive, "--store", origin.store)
+    assert "left out 4 FIFOs, sockets and device nodes" in out, out  # by default
+    out = ok(
+        "export", "--special-nodes", "--device-class", CLASS, "-o", archive, "--store", origin.store
+    )
+    assert "left out 1 sockets" in out, out
+    out = ok("import", archive, "--store", tmp_path / "copy")
+    assert "3 hard links" in out, out
+    assert "3 FIFOs and device nodes" in out, out
+
+    copy = make_mount("--device-class", CLASS, "--xattrs", name="copy", store=tmp_path / "copy")
+    key = copy / "triton" / "key"
+    names = (key / "a.bin", key / "b.bin", copy / "triton" / "other" / "c.bin")
+    inodes = {os.stat(path).st_ino for path in names}
+    assert len(inodes) == 1
+    assert os.stat(key / "a.bin").st_nlink == 3
+    assert all(path.read_bytes() == b"linked content " * 1000 for path in names)
+    objects = set(file_objects(tmp_path / "copy").values())
+    assert len(objects) == 1  # one inode, one object, referenced once
+    assert objects.pop()[1] == 1
+    fifo, null, loop = (os.lstat(key / name) for name in ("fifo", "null", "loop"))
+    assert stat.S_ISFIFO(fifo.st_mode)
+    assert stat.S_IMODE(fifo.st_mode) == 0o640
+    assert stat.S_ISCHR(null.st_mode)
+    assert null.st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(loop.st_mode)
+    assert loop.st_rdev == os.makedev(7, 300)
+    assert not os.path.lexists(key / "sock")
+    assert os.lstat(key / "s").st_ino == os.lstat(key / "s2").st_ino
+    assert os.readlink(key / "s2") == "a.bin"
+    assert os.getxattr(key / "b.bin", "user.origin") == b"\xff\x00binary"
+    assert os.getxattr(key, "user.kind") == b"entry"
+
+    # Imported again: every name is already there, as it was.
+    copy.stop()
+    out = ok("import", archive, "--store", tmp_path / "copy")
+    assert "0 new objects, 1 deduplicated, 8 unchanged, 0 replaced" in out, out
+
+
+def test_a_directory_import_keeps_hard_links_and_user_xattrs(tmp_path: Path) -> None:
+    src, store = tmp_path / "src", tmp_path / "store"
+    (src / "key").mkdir(parents=True)
+    (src / "key" / "a.so").write_bytes(b"shared inode")
+    os.link(src / "key" / "a.so", src / "b.so")
+    os.setxattr(src / "key" / "a.so", "user.built-by", b"nvcc")
+    os.setxattr(src / "key", "user.kind", b"entry")
+    out = ok("import", src, "--layout", "triton", "--store", store, "--device-class", CLASS)
+    assert "1 hard links" in out, out
+    db = sqlite3.connect(store / "mithril.db")
+    try:
+        linked = db.execute(
+            "SELECT e.inode, i.nlink FROM entries e JOIN inodes i ON i.id = e.inode "
+            "WHERE e.name IN (?, ?)",
+            (b"a.so", b"b.so"),
+        ).fetchall()
+        attributes = db.execute("SELECT name, value FROM xattrs ORDER BY name").fetchall()
+    finally:
+        db.close()
+    assert len(linked) == 2
+    assert linked[0] == linked[1]
+    assert linked[0][1] == 2
+    assert attributes == [(b"user.built-by", b"nvcc"), (b"user.kind", b"entry")]
+    assert_fsck_clean(store)
+
+    # The same again: the link is already there; a file that stops being a link
+    # gets an inode of its own and leaves the other name's content alone.
+    os.unlink(src / "b.so")
+    (src / "b.so").write_bytes(b"a file of its own")
+    out = ok("import", src, "--layout", "triton", "--store", store, "--device-class", CLASS)
+    assert "1 replaced" in out, out
+    objects = file_objects(store)
+    assert objects[b"a.so"][0] != objects[b"b.so"][0]
+    assert_fsck_clean(store)
+
+
 # -- dedup and the rules for names that exist ---------------------------------------------
 
 
@@ -440,6 +539,10 @@ def member(name: str, data: bytes = b"", **fields: Any) -> tuple[Any, bytes]:
     return info, data
 
 
+XATTR = "SCHILY.xattr."
+XATTR_USER = XATTR + "user.origin"
+
+
 def hostile_archives() -> dict[str, bytes]:
     import tarfile
 
@@ -461,10 +564,43 @@ def hostile_archives() -> dict[str, bytes]:
             [good, member("triton/k/l", type=tarfile.SYMTYPE, linkname="x" * 5000)]
         ),
         "dot-dot-name": export_with([good, member("triton/../../etc/passwd", b"x")]),
-        "fifo": export_with([good, member("triton/k/fifo", type=tarfile.FIFOTYPE)]),
-        "hard-link": export_with(
-            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin")]
+        "hard-link-to-a-missing-name": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/none")]
         ),
+        "hard-link-before-its-file": export_with(
+            [member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin"), good]
+        ),
+        "hard-link-to-a-directory": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k")]
+        ),
+        "hard-link-escaping": export_with(
+            [good, member("triton/k/h", type=tarfile.LNKTYPE, linkname="../../etc/passwd")]
+        ),
+        "hard-link-whose-file-is-replaced": export_with(
+            [
+                good,
+                member("triton/k/h", type=tarfile.LNKTYPE, linkname="triton/k/a.bin"),
+                member("triton/k/a.bin", type=tarfile.DIRTYPE),
+            ]
+        ),
+        "xattr-outside-user": export_with(
+            [good, member("triton/k/c.bin", b"c", pax_headers={XATTR + "security.capability": "x"})]
+        ),
+        "xattr-on-a-symlink": export_with(
+            [
+                good,
+                member(
+                    "triton/k/l",
+                    type=tarfile.SYMTYPE,
+                    linkname="a.bin",
+                    pax_headers={XATTR_USER: "v"},
+                ),
+            ]
+        ),
+        "xattr-value-over-64-KiB": export_with(
+            [good, member("triton/k/c.bin", b"c", pax_headers={XATTR_USER: "v" * (65 * 1024)})]
+        ),
+        "socket-type": export_with([good, member("triton/k/s", type=b"s")]),
     }
 
 

@@ -25,6 +25,7 @@ import blake3
 from mithrilfs.remote.config import RemoteConfig
 from mithrilfs.remote.keys import dirs_key, entry_key, object_key
 from mithrilfs.remote.manifest import MAX_MANIFEST_BYTES, MAX_OBJECT_BYTES, ManifestError
+from mithrilfs.store import StagingWriter
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +139,6 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-class _StagingWriter:
-    """One object streamed into a staging file and hashed as it arrives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.hasher = blake3.blake3()
-
-    def write(self, data: bytes) -> None:
-        self.hasher.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def close(self) -> bytes:
-        os.close(self.fd)
-        self.fd = -1
-        return self.hasher.digest()
-
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.path.unlink(missing_ok=True)
-
-
 def fetch_rounds(
     sizes: dict[bytes, int], window: int = FETCH_WINDOW
 ) -> Iterator[list[tuple[bytes, int, int]]]:
@@ -259,7 +234,7 @@ class RedisTier:
         go straight to staging files.  Between round trips the thread looks
         at `staged.abandoned`: a fetch whose lookup gave up stops reading.
         """
-        writers: dict[bytes, _StagingWriter] = {}
+        writers: dict[bytes, StagingWriter] = {}
         try:
             digests = sorted(sizes)
             lengths = dict(
@@ -288,7 +263,7 @@ class RedisTier:
                             raise ManifestError(f"object {digest.hex()} changed while read")
                         writer = writers.get(digest)
                         if writer is None:
-                            writer = writers[digest] = _StagingWriter(self._staging_path())
+                            writer = writers[digest] = StagingWriter(self._staging_path())
                         writer.write(data)
                         staged.fetched_bytes += length
                         if offset + length == sizes[digest]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mithrilfs.errors import UserError
+from mithrilfs.units import parse_duration
 
 DEFAULT_TIMEOUT = 0.2  # seconds a lookup may spend on the tier (plus fetch time)
 NEGATIVE_TTL = 30.0  # seconds a "not there" answer is remembered
@@ -137,19 +138,8 @@ def read_password_file(path: Path) -> str:
 
 
 def parse_timeout(text: str) -> float:
-    """'0.2', '200ms', '1s' -> seconds."""
-    value = text.strip().lower()
-    scale = 1.0
-    if value.endswith("ms"):
-        value, scale = value[:-2], 0.001
-    elif value.endswith("s"):
-        value = value[:-1]
-    try:
-        seconds = float(value) * scale
-    except ValueError:
-        raise UserError(
-            f"invalid --remote-timeout '{text}': expected e.g. 0.2, 200ms, 1s", 2
-        ) from None
+    """'0.2', '200ms', '1s' -> seconds (units.parse_duration), at most a minute."""
+    seconds = parse_duration(text, "--remote-timeout")
     if not 0 < seconds <= 60:
         raise UserError("--remote-timeout must be between 0 and 60 seconds", 2)
     return seconds
