@@ -37,6 +37,7 @@ from mithrilfs.tenancy import Trust
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig
+    from mithrilfs.scrub import ScrubConfig
 
 T = TypeVar("T")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -180,6 +181,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also drop entries not read for this long, e.g. 7d, 12h",
     )
     mount.add_argument(
+        "--scrub-period",
+        metavar="DURATION",
+        help="re-verify every stored object in the background once per DURATION, "
+        "e.g. 7d (the default), 12h",
+    )
+    mount.add_argument(
+        "--scrub-rate",
+        metavar="SIZE",
+        help="the background scrub reads at most SIZE bytes per second, e.g. 32M "
+        "(the default); 0 turns it off",
+    )
+    mount.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -217,7 +230,8 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated mount options: allow_other, ro, "
         "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
-        "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP (fstab form)",
+        "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP, "
+        "scrub_period=DURATION, scrub_rate=SIZE (fstab form)",
     )
     mount.add_argument(
         "--log-level",
@@ -361,6 +375,7 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         metrics_listen=settings.get("metrics_listen", options.metrics_listen),
         remote=_remote(settings, options),
         trust=Trust.parse(settings.get("trust", options.trust), os.geteuid()),
+        scrub=_scrub(settings, options),
     )
     if config.metrics_listen:
         parse_listen(config.metrics_listen)  # refuse a bad address before mounting
@@ -383,6 +398,23 @@ def _remote(settings: dict[str, str], options: argparse.Namespace) -> RemoteConf
     if password_file is not None:
         password = read_password_file(Path(password_file))
     return dataclasses.replace(config, password=password) if password else config
+
+
+def _scrub(settings: dict[str, str], options: argparse.Namespace) -> ScrubConfig:
+    from mithrilfs.scrub import DEFAULT_PERIOD, DEFAULT_RATE, ScrubConfig
+
+    period = _optional(settings.get("scrub_period", options.scrub_period), parse_duration)
+    rate = _optional(settings.get("scrub_rate", options.scrub_rate), _scrub_rate)
+    if period is not None and period <= 0:
+        raise UserError("--scrub-period must be longer than 0 (--scrub-rate 0 turns it off)", 2)
+    return ScrubConfig(
+        period=DEFAULT_PERIOD if period is None else period,
+        rate=DEFAULT_RATE if rate is None else rate,
+    )
+
+
+def _scrub_rate(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def _log_level(text: str) -> str:
@@ -409,6 +441,8 @@ def _parse_mount_options(text: str) -> dict[str, str]:
         "remote_timeout",
         "remote_password_file",
         "trust",
+        "scrub_period",
+        "scrub_rate",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):

@@ -33,6 +33,7 @@ from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import Remote, RemoteConfig
 from mithrilfs.repository import INDEX_NAME, Repository
+from mithrilfs.scrub import Scrubber, ScrubConfig
 from mithrilfs.stats import Snapshot, Stats, read_tree_usage
 from mithrilfs.tenancy import Trust
 
@@ -64,6 +65,7 @@ class MountConfig:
     remote: RemoteConfig | None = None  # the shared tier (--remote)
     trust: Trust | None = None  # writers of the shared tree; None: root and the mounting user
     extra_fuse_options: set[str] = field(default_factory=set)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)  # --scrub-period, --scrub-rate
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -155,6 +157,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             remote=remote,
             trust=config.trust,
         )
+        scrubber = Scrubber(repo.index, repo.content, stats, config.scrub, ops.drop_corrupt_object)
         collector = SnapshotCollector(config.device_class)
         # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
         _save_stats(ops, collector)
@@ -187,7 +190,7 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
             config.mountpoint,
         )
         try:
-            trio.run(_serve_until_stopped, ops, collector, ready, admin_socket, admin)
+            trio.run(_serve_until_stopped, ops, collector, ready, admin_socket, admin, scrubber)
         finally:
             ops.forget_all()
             # Always detach: after a signal (or an error) the kernel still has
@@ -212,10 +215,12 @@ async def _serve_until_stopped(
     ready: Callable[[], None],
     admin_socket: adminsock.Listening,
     admin: control.AdminService,
+    scrubber: Scrubber,
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(_supervised, "eviction", ops.evictor.run)
+        nursery.start_soon(_supervised, "scrub", scrubber.run)
         nursery.start_soon(_housekeeping, ops, collector)
         # `mithrilfs stats` / `gc` / `evict` against this mount, and `whoami`.
         await nursery.start(adminsock.serve, admin_socket, admin.handle)

@@ -143,7 +143,13 @@ class Operations(pyfuse3.Operations):
         self.read_only = read_only
         self.xattrs = xattrs
         self.stats = stats
-        self.files = OpenFiles(index, store, max_file_size=cap, on_sealed=self._sealed)
+        self.files = OpenFiles(
+            index,
+            store,
+            max_file_size=cap,
+            on_sealed=self._sealed,
+            on_verified=self._hashed_before_serving,
+        )
         self.evictor = Evictor(
             index,
             store,
@@ -300,17 +306,32 @@ class Operations(pyfuse3.Operations):
         self.verified_entries.add(entry_id)
         return True
 
-    def _drop_corrupt(self, digest: bytes, ino: int) -> None:
-        """An object no longer matches its hash: never serve it again."""
+    def _hashed_before_serving(self, size: int) -> None:
+        """An object had no valid verification mark and was hashed on the request path."""
+        self.stats.inc("request_verifications_total")
+        self.stats.inc("request_verified_bytes_total", size)
+
+    def _drop_corrupt(self, digest: bytes, ino: int | None) -> None:
+        """An object no longer matches its hash: never serve it again.
+
+        *ino* is the inode it was opened as (None: found by the scrub).
+        """
         log.error(
-            "object %s (opened as inode %d) does not match its hash; dropping every cache "
-            "entry that uses it",
+            "object %s (%s) does not match its hash; dropping every cache entry that uses it",
             digest.hex(),
-            ino,
+            "found by the scrub" if ino is None else f"opened as inode {ino}",
         )
         self.stats.inc("integrity_failures_total")
+        self.files.forget_verified(digest)
         self.evictor.remove_entries(self.index.entries_using(digest), "integrity")
-        self._maybe_free(ino)
+        if self.index.object_size(digest) is not None:
+            self.index.forget_mark(digest)  # a file outside any entry: hashed at its next open
+        if ino is not None:
+            self._maybe_free(ino)
+
+    def drop_corrupt_object(self, digest: bytes) -> None:
+        """The scrub found *digest* damaged (or gone)."""
+        self._drop_corrupt(digest, None)
 
     def _evicted(self, removed: EvictedEntry, reason: str) -> None:
         """Count an eviction (cap, max_age, gc, evict, integrity) and tell the kernel.
