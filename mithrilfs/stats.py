@@ -341,8 +341,9 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         f"sealed        {summary['files_sealed']} files ({summary['dedup_hits']} deduplicated)",
         f"evictions     {summary['evictions']} entries, "
         f"{human_bytes(summary['evicted_bytes'])} freed",
-        f"integrity     {summary['integrity_failures']} corrupt objects caught, "
-        f"{summary['request_verifications']} objects hashed before serving",
+        f"integrity     {summary['integrity_failures']} corrupt objects caught",
+        f"verified      {summary['request_verifications']} objects hashed before serving "
+        f"({human_bytes(summary['request_verified_bytes'])})",
         _scrub_line(summary["scrub"]),
     ]
     remote = summary["remote"]
