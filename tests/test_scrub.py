@@ -19,9 +19,10 @@ import sqlite3
 from pathlib import Path
 
 import blake3
+import pytest
 
 from mithrilfs.repository import INDEX_NAME
-from tests.conftest import Mount, wait_for
+from tests.conftest import Mount, run_cli, wait_for
 from tests.test_integrity import damage, object_path, stats_json
 
 SCRUB_DEADLINE = 60
@@ -173,3 +174,23 @@ def test_a_clean_remount_trusts_what_was_verified_and_an_unclean_one_only_what_w
         "the late entry's objects to be hashed before serving",
     )
     assert stats_json(mount)["integrity_failures"] == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--scrub-period", "0"], "--scrub-period must be longer than 0"),
+        (["--scrub-period", "soon"], "invalid duration 'soon'"),
+        (["--scrub-rate", "-1"], "invalid size '-1'"),
+        (["-o", "scrub_rate=fast"], "invalid size 'fast'"),
+    ],
+)
+def test_bad_scrub_options_are_refused_before_anything_is_touched(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    store = tmp_path / "store"
+    result = run_cli("mount", tmp_path / "mnt", "--store", store, *options)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"mithrilfs: {message}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not store.exists()
