@@ -39,6 +39,7 @@ from mithrilfs.units import parse_duration, parse_size
 
 if TYPE_CHECKING:
     from mithrilfs.remote import RemoteConfig
+    from mithrilfs.scrub import ScrubConfig
 
 T = TypeVar("T")
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -182,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also drop entries not read for this long, e.g. 7d, 12h",
     )
     mount.add_argument(
+        "--scrub-period",
+        metavar="DURATION",
+        help="re-verify every stored object in the background once per DURATION, "
+        "e.g. 7d (the default), 12h",
+    )
+    mount.add_argument(
+        "--scrub-rate",
+        metavar="SIZE",
+        help="the background scrub reads at most SIZE bytes per second, e.g. 32M "
+        "(the default); 0 turns it off",
+    )
+    mount.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -219,7 +232,8 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated mount options: allow_other, ro, "
         "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
-        "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP (fstab form)",
+        "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP, "
+        "scrub_period=DURATION, scrub_rate=SIZE (fstab form)",
     )
     mount.add_argument(
         "--log-level",
@@ -368,6 +382,7 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         remote=_remote(settings, options),
         trust=Trust.parse(settings.get("trust", options.trust), os.geteuid()),
         clock_offset_file=options.clock_offset_file,
+        scrub=_scrub(settings, options),
     )
     if options.expiry_interval is not None:
         config.expiry_seconds = options.expiry_interval
@@ -396,6 +411,23 @@ def _remote(settings: dict[str, str], options: argparse.Namespace) -> RemoteConf
     return dataclasses.replace(config, password=password) if password else config
 
 
+def _scrub(settings: dict[str, str], options: argparse.Namespace) -> ScrubConfig:
+    from mithrilfs.scrub import DEFAULT_PERIOD, DEFAULT_RATE, ScrubConfig
+
+    period = _optional(settings.get("scrub_period", options.scrub_period), parse_duration)
+    rate = _optional(settings.get("scrub_rate", options.scrub_rate), _scrub_rate)
+    if period is not None and period <= 0:
+        raise UserError("--scrub-period must be longer than 0 (--scrub-rate 0 turns it off)", 2)
+    return ScrubConfig(
+        period=DEFAULT_PERIOD if period is None else period,
+        rate=DEFAULT_RATE if rate is None else rate,
+    )
+
+
+def _scrub_rate(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in _LOG_LEVELS:
@@ -420,6 +452,8 @@ def _parse_mount_options(text: str) -> dict[str, str]:
         "remote_timeout",
         "remote_password_file",
         "trust",
+        "scrub_period",
+        "scrub_rate",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):

@@ -34,6 +34,7 @@ from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
 from mithrilfs.remote import RemoteConfig
 from mithrilfs.repository import INDEX_NAME, Repository
+from mithrilfs.scrub import Scrubber, ScrubConfig
 from mithrilfs.services import Services, build_services
 from mithrilfs.stats import Snapshot, Stats, read_tree_usage
 from mithrilfs.tenancy import Trust
@@ -70,6 +71,7 @@ class MountConfig:
     tree_usage_seconds: float = TREE_USAGE_SECONDS
     expiry_seconds: float = EXPIRY_SECONDS
     clock_offset_file: Path | None = None
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)  # --scrub-period, --scrub-rate
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -158,6 +160,9 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         if config.remote is not None:
             log.info("shared tier: %s", config.remote.display)
         ops = Operations(services, read_only=config.read_only, xattrs=config.xattrs)
+        scrubber = Scrubber(
+            services.index, services.content, stats, config.scrub, ops.drop_corrupt_object
+        )
         collector = SnapshotCollector(config.device_class)
         # Publish before the first scrape or `stats`: not zeros (cap 0) for a second.
         _save_stats(services, collector)
@@ -191,7 +196,15 @@ def serve(config: MountConfig, ready: Callable[[], None]) -> None:
         )
         try:
             trio.run(
-                _serve_until_stopped, ops, services, config, collector, ready, admin_socket, admin
+                _serve_until_stopped,
+                ops,
+                services,
+                config,
+                collector,
+                ready,
+                admin_socket,
+                admin,
+                scrubber,
             )
         finally:
             ops.forget_all()
@@ -219,10 +232,12 @@ async def _serve_until_stopped(
     ready: Callable[[], None],
     admin_socket: adminsock.Listening,
     admin: control.AdminService,
+    scrubber: Scrubber,
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(_supervised, "eviction", services.evictor.run)
+        nursery.start_soon(_supervised, "scrub", scrubber.run)
         nursery.start_soon(_housekeeping, ops, services, config, collector)
         # `mithrilfs stats` / `gc` / `evict` against this mount, and `whoami`.
         await nursery.start(adminsock.serve, admin_socket, admin.handle)

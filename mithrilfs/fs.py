@@ -233,7 +233,8 @@ class Operations(pyfuse3.Operations):
 
         Checking at lookup, not only at open, matters: Triton stats every file
         of a group before it opens any, so a file that vanished only at open
-        would crash it instead of being a miss.
+        would crash it instead of being a miss.  An object with a valid
+        verification mark costs an fstat; only the others are hashed.
         """
         if entry_id in self.verified_entries:
             return True
@@ -248,17 +249,27 @@ class Operations(pyfuse3.Operations):
         self.verified_entries.add(entry_id)
         return True
 
-    def _drop_corrupt(self, digest: bytes, ino: int) -> None:
-        """An object no longer matches its hash: never serve it again."""
+    def _drop_corrupt(self, digest: bytes, ino: int | None) -> None:
+        """An object no longer matches its hash: never serve it again.
+
+        *ino* is the inode it was opened as (None: found by the scrub).
+        """
         log.error(
-            "object %s (opened as inode %d) does not match its hash; dropping every cache "
-            "entry that uses it",
+            "object %s (%s) does not match its hash; dropping every cache entry that uses it",
             digest.hex(),
-            ino,
+            "found by the scrub" if ino is None else f"opened as inode {ino}",
         )
         self.stats.inc("integrity_failures_total")
+        self.files.forget_verified(digest)
         self.evictor.remove_entries(self.index.entries_using(digest), "integrity")
-        self._maybe_free(ino)
+        if self.index.object_size(digest) is not None:
+            self.index.forget_mark(digest)  # a file outside any entry: hashed at its next open
+        if ino is not None:
+            self._maybe_free(ino)
+
+    def drop_corrupt_object(self, digest: bytes) -> None:
+        """The scrub found *digest* damaged (or gone)."""
+        self._drop_corrupt(digest, None)
 
     def _writable(self) -> None:
         if self.read_only:

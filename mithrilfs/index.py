@@ -26,8 +26,8 @@ from mithrilfs.errors import FsError, UserError, not_found
 from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
-SCHEMA_VERSION = 2
-# Format 1 had no `rdev` and no `xattrs` (see _migrate).
+SCHEMA_VERSION = 3
+# Format 1 had no `rdev` and no `xattrs`; format 2 no verification marks (see _migrate).
 SUPER_ROOT = 1
 # How long a statement waits for another process's write lock (fsck, import).
 BUSY_TIMEOUT = 10.0
@@ -44,10 +44,15 @@ _SCHEMA = """
 -- Content objects.  `refcount` is the number of inodes whose `object` is this
 -- hash; a row whose refcount would drop to 0 is deleted in the same
 -- transaction and its file removed after the commit.
+-- The verification mark (docs/crash-safety.md): the mount epoch in which the
+-- file's bytes last matched the hash, and the file's ctime then.  Both NULL:
+-- never verified, or the mark was dropped by recovery after an unclean stop.
 CREATE TABLE IF NOT EXISTS objects (
-    hash     BLOB PRIMARY KEY,     -- 32-byte blake3 digest; file objects/ab/cd/<hex>
-    size     INTEGER NOT NULL,
-    refcount INTEGER NOT NULL
+    hash           BLOB PRIMARY KEY,     -- 32-byte blake3 digest; file objects/ab/cd/<hex>
+    size           INTEGER NOT NULL,
+    refcount       INTEGER NOT NULL,
+    verified_epoch INTEGER,              -- meta.mount_epoch of the last verification
+    verified_ctime INTEGER               -- the object file's st_ctime_ns then
 ) WITHOUT ROWID;
 
 -- Files, directories, symlinks and special nodes (FIFOs, sockets, character
@@ -193,6 +198,9 @@ class Index:
         # dir inode -> (names from the class root down, their inodes); used to
         # place new files in their cache entry without walking up each time.
         self._dir_paths: dict[int, tuple[list[bytes], list[int]]] = {}
+        # The mount epoch a serving daemon began (begin_epoch); None offline,
+        # where nothing is marked verified.
+        self.epoch: int | None = None
 
     @classmethod
     def open(
@@ -268,6 +276,9 @@ class Index:
         1 -> 2: special nodes keep their device number in `rdev`; every
         existing inode is a file, directory or symlink, so 0 is right for all.
         Extended attributes get their (empty) table.
+        2 -> 3: objects get their verification mark, NULL for all: nothing
+        is trusted that this format did not see verified, so each object is
+        hashed once more, at its first read or by the scrub.
         """
         with _transaction(db):
             if version < 2:
@@ -276,6 +287,9 @@ class Index:
                     "CREATE TABLE xattrs (inode INTEGER NOT NULL, name BLOB NOT NULL, "
                     "value BLOB NOT NULL, PRIMARY KEY (inode, name)) WITHOUT ROWID"
                 )
+            if version < 3:
+                db.execute("ALTER TABLE objects ADD COLUMN verified_epoch INTEGER")
+                db.execute("ALTER TABLE objects ADD COLUMN verified_ctime INTEGER")
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
 
     @staticmethod
@@ -679,8 +693,14 @@ class Index:
                 raise ValueError(f"not a settable attribute: {column}")
         self.db.execute(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino))
 
-    def set_content(self, ino: int, digest: bytes, size: int, mtime_ns: int) -> bytes | None:
-        """Point a file at new content; return an object digest that is no longer used."""
+    def set_content(
+        self, ino: int, digest: bytes, size: int, mtime_ns: int, verified_ctime: int | None = None
+    ) -> bytes | None:
+        """Point a file at new content; return an object digest that is no longer used.
+
+        *verified_ctime*: the object's file was just written from the bytes
+        hashed, with this ctime; it is marked verified (mark_verified).
+        """
         with self.transaction():
             old = self.db.execute("SELECT object, size FROM inodes WHERE id=?", (ino,)).fetchone()
             if old is None:
@@ -690,6 +710,8 @@ class Index:
                 self.db.execute("UPDATE inodes SET mtime_ns=? WHERE id=?", (mtime_ns, ino))
                 return None
             self._incref(digest, size)
+            if verified_ctime is not None:
+                self.mark_verified(digest, verified_ctime)
             self.db.execute(
                 "UPDATE inodes SET object=?, size=?, mtime_ns=?, ctime_ns=? WHERE id=?",
                 (digest, size, mtime_ns, mtime_ns, ino),
@@ -1234,6 +1256,73 @@ class Index:
             for other in others:
                 self._drop_cache_entry_if_empty(other)
         return result
+
+    # -- verification marks (docs/crash-safety.md) ---------------------------
+
+    def begin_epoch(self) -> int:
+        """Start a new mount epoch (a daemon starts serving); marks made now carry it."""
+        with self.transaction():
+            epoch = int(str(self.get_meta("mount_epoch", 0))) + 1
+            self.set_meta("mount_epoch", epoch)
+        self.epoch = epoch
+        return epoch
+
+    def end_epoch_cleanly(self) -> None:
+        """Every mark made so far is trusted from now on (the objects were synced)."""
+        self.set_meta("clean_epoch", self.get_meta("mount_epoch", 0))
+
+    def forget_marks_since_clean(self) -> int:
+        """After an unclean stop: drop every mark made since the last clean epoch.
+
+        Objects sealed or verified since then may not have reached the disk
+        (a power loss), so they are hashed again before they are served.
+        """
+        with self.transaction():
+            cursor = self.db.execute(
+                "UPDATE objects SET verified_epoch=NULL, verified_ctime=NULL "
+                "WHERE verified_epoch > ?",
+                (int(str(self.get_meta("clean_epoch", 0))),),
+            )
+        return cursor.rowcount
+
+    def verification_mark(self, digest: bytes) -> tuple[int, int] | None:
+        """(size, ctime of the file when verified) of a marked object, else None."""
+        row = self.db.execute(
+            "SELECT size, verified_ctime FROM objects WHERE hash=? AND verified_epoch IS NOT NULL",
+            (digest,),
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
+    def mark_verified(self, digest: bytes, ctime_ns: int) -> None:
+        """Record that *digest*'s file, with this ctime, matched its hash (when serving)."""
+        if self.epoch is None:
+            return
+        with self.transaction():
+            self.db.execute(
+                "UPDATE objects SET verified_epoch=?, verified_ctime=? WHERE hash=?",
+                (self.epoch, ctime_ns, digest),
+            )
+
+    def forget_mark(self, digest: bytes) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE objects SET verified_epoch=NULL, verified_ctime=NULL WHERE hash=?",
+                (digest,),
+            )
+
+    def objects_after(self, after: bytes, limit: int) -> list[tuple[bytes, int]]:
+        """(digest, size) of up to *limit* objects after *after*, in hash order (the scrub)."""
+        return self.db.execute(
+            "SELECT hash, size FROM objects WHERE hash > ? AND hash != ? ORDER BY hash LIMIT ?",
+            (after, EMPTY_DIGEST, limit),
+        ).fetchall()
+
+    def save_scrub_progress(self, cursor: bytes, progress: dict[str, int]) -> None:
+        """Where the scrub's pass stands (scrub.py): the last object checked and the counts."""
+        with self.transaction():
+            self.set_meta("scrub.cursor", cursor)
+            for name, value in progress.items():
+                self.set_meta(f"scrub.{name}", value)
 
     # -- counters ---------------------------------------------------------
 

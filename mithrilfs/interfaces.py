@@ -46,6 +46,12 @@ class SealListener(Protocol):
     def file_sealed(self, ino: int, size: int, new_object: bool) -> None: ...
 
 
+class VerificationListener(Protocol):
+    """Told when an object without a valid verification mark was hashed before serving it."""
+
+    def hashed_before_serving(self, size: int) -> None: ...
+
+
 class RemovalListener(Protocol):
     """Told about every cache entry removed (cap, max_age, gc, evict, integrity)."""
 

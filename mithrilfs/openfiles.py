@@ -16,7 +16,17 @@ further: the staging file, the object's directory entry and the index
 transaction all reach the disk before it returns (power loss).
 
 Hashing large files runs in worker threads, at most one per core at a time
-(`hash_threads`), whether for sealing or for verification.
+(`hash_threads`), whether for sealing or for verification.  Most files are
+written front to back: their writes are fed to a blake3 hasher as they
+arrive, so that sealing them reads nothing back.  Any other write, a
+truncate, or a staging copy seeded from earlier content (copy-on-write)
+drops that hasher, and the seal hashes the staging file instead.
+
+Verification before serving (docs/crash-safety.md): an object is trusted
+without hashing when the index holds a mark for it (verified in an earlier
+mount that stopped cleanly, or in this one) and its file still has the ctime
+and size the mark recorded; anything else is hashed before its first byte is
+served, and a match is marked.
 """
 
 from __future__ import annotations
@@ -30,11 +40,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blake3
 import trio
 
 from mithrilfs.errors import FsError
 from mithrilfs.index import Index, Inode
-from mithrilfs.interfaces import SealListener
+from mithrilfs.interfaces import SealListener, VerificationListener
 from mithrilfs.store import INLINE_HASH_LIMIT, ContentStore, hash_fd
 
 
@@ -65,6 +76,10 @@ class OpenInode:
     # can never fit neither lands in the store nor evicts what is there.
     oversized: bool = False
     seal_lock: trio.Lock = field(default_factory=trio.Lock)
+    # The staging file's bytes so far, hashed as they were written in order;
+    # None once a write, truncate or seed broke the order (the seal hashes).
+    running_hash: blake3.blake3 | None = None
+    hashed: int = 0
 
     @property
     def staged(self) -> bool:
@@ -89,6 +104,7 @@ class OpenFiles:
         max_file_size: int | None = None,
         listeners: Sequence[SealListener] = (),
         hasher: Callable[[int], tuple[bytes, int]] = hash_fd,
+        verifications: VerificationListener | None = None,
     ) -> None:
         self.index = index
         self.store = store
@@ -106,6 +122,10 @@ class OpenFiles:
         self._next_fh = itertools.count(1)
         # Objects whose bytes were checked against their name since the mount.
         self._verified: set[bytes] = set()
+        # Called with the size of every object hashed to verify it before serving.
+        self.verifications = verifications
+        # Seals that had to read their staging file back (writes not in order).
+        self.seals_read_back = 0
 
     # -- queries ------------------------------------------------------------
 
@@ -138,7 +158,8 @@ class OpenFiles:
         Returns the digest of a corrupt object (the caller drops every entry
         that uses it), None when the content is intact or not sealed yet.
         Objects are immutable, so one check covers every later open; the
-        cost is one blake3 pass over each object the first time it is opened.
+        cost is a stat of a marked object, or one blake3 pass over one that
+        is not, the first time it is opened.
         """
         state = self._handles[fh].inode
         digest = state.digest
@@ -149,7 +170,12 @@ class OpenFiles:
         return None if await self.object_intact(digest) else digest
 
     async def object_intact(self, digest: bytes) -> bool:
-        """True when the stored object matches its name (checked once per daemon)."""
+        """True when the stored object matches its name (checked once per daemon).
+
+        A marked object whose file kept the mark's ctime and size is not
+        hashed: nothing has written to it since it matched (bit rot that
+        leaves the inode alone is the scrub's to find).
+        """
         if digest in self._verified:
             return True
         try:
@@ -157,13 +183,25 @@ class OpenFiles:
         except FileNotFoundError:
             return False
         try:
-            actual, _size = await self._hash(fd, os.fstat(fd).st_size)
+            before = os.fstat(fd)
+            if self.index.verification_mark(digest) == (before.st_size, before.st_ctime_ns):
+                self._verified.add(digest)
+                return True
+            if self.verifications is not None:
+                self.verifications.hashed_before_serving(before.st_size)
+            actual, _size = await self._hash(fd, before.st_size)
         finally:
             os.close(fd)
         if actual != digest:
             return False
+        if self.index.object_size(digest) is not None:  # not evicted while it was hashed
+            self.index.mark_verified(digest, before.st_ctime_ns)
         self._verified.add(digest)
         return True
+
+    def forget_verified(self, digest: bytes) -> None:
+        """A corrupt object: never take it for intact again in this mount."""
+        self._verified.discard(digest)
 
     def open_count(self) -> int:
         return len(self._handles)
@@ -309,6 +347,12 @@ class OpenFiles:
         self._stage(state)
         assert state.staging_fd is not None
         written = os.pwrite(state.staging_fd, data, offset)
+        if state.running_hash is not None:
+            if offset == state.hashed:
+                state.running_hash.update(data[:written] if written < len(data) else data)
+                state.hashed += written
+            else:
+                state.running_hash = None  # a hole or a rewrite: hash at seal
         state.size = max(state.size, offset + written)
         self._changed(state)
         return written
@@ -340,6 +384,8 @@ class OpenFiles:
         self._stage(state, keep=min(size, state.size))
         assert state.staging_fd is not None
         os.ftruncate(state.staging_fd, size)
+        if size != state.hashed:
+            state.running_hash = None
         state.size = size
         state.oversized = False  # what follows a successful truncate is well defined again
         self._changed(state)
@@ -351,6 +397,7 @@ class OpenFiles:
         if state.staging_path is not None:
             state.staging_path.unlink(missing_ok=True)
         state.staging_fd, state.staging_path = None, None
+        state.running_hash = None
         node = self.index.get(state.ino)
         state.size, state.mtime_ns = node.size, node.mtime_ns
         state.dirty, state.oversized = False, False
@@ -371,6 +418,10 @@ class OpenFiles:
             raise
         state.staging_path, state.staging_fd = path, fd
         state.size = length
+        # A fresh file is hashed as it is written; a seeded copy is not (its
+        # seed would have to be read to start the hash).
+        state.running_hash = blake3.blake3() if length == 0 else None
+        state.hashed = 0
 
     def _changed(self, state: OpenInode) -> None:
         state.generation += 1
@@ -390,7 +441,11 @@ class OpenFiles:
                     return  # unlinked: nobody can see this content again
                 generation = state.generation
                 fd = state.staging_fd
-                digest, size = await self._hash(fd, state.size)
+                if state.running_hash is not None and state.hashed == state.size:
+                    digest, size = state.running_hash.digest(), state.size
+                else:
+                    self.seals_read_back += 1
+                    digest, size = await self._hash(fd, state.size)
                 if generation != state.generation or state.staging_fd != fd:
                     continue  # written to while hashing: hash again
                 self._publish(state, digest, size)
@@ -410,8 +465,14 @@ class OpenFiles:
         # duplicate): it must never be written again.
         os.close(state.staging_fd)
         state.staging_fd, state.staging_path = None, None
+        state.running_hash = None
+        # A new object's file holds the bytes just hashed: mark it verified
+        # in the same transaction (a duplicate's file was not looked at).
+        ctime = os.stat(self.store.object_path(digest)).st_ctime_ns if new_object else None
         try:
-            unused = self.index.set_content(state.ino, digest, size, state.mtime_ns)
+            unused = self.index.set_content(
+                state.ino, digest, size, state.mtime_ns, verified_ctime=ctime
+            )
         except BaseException:
             if new_object:  # no row will ever point at it
                 self.store.delete(digest)

@@ -62,6 +62,7 @@ class Recovery:
     orphans_removed: int = 0
     problems_repaired: int = 0  # by the quick check, orphans included
     problems_left: int = 0
+    marks_dropped: int = 0  # verification marks made since the last clean stop
 
 
 class Repository:
@@ -122,6 +123,7 @@ class Repository:
         self.content.ensure_empty_object()
         self.index.ensure_empty_object()
         if recovery.unclean:
+            recovery.marks_dropped = self.index.forget_marks_since_clean()
             self._quick_check(recovery)
         if recovery.unclean or recovery.staging_removed or recovery.inodes_freed:
             log.warning(
@@ -157,12 +159,19 @@ class Repository:
     def mark_in_use(self) -> None:
         with self.index.transaction():
             self.index.set_meta("clean_shutdown", 0)
+        self.index.begin_epoch()
 
     def close(self, *, clean: bool | None = None) -> None:
         """Release the store; *clean* records how a daemon's service ended."""
+        if clean:
+            # The verification marks of this mount are trusted after a clean
+            # stop, so the objects they vouch for must be on disk first.
+            self.content.sync_filesystem()
         if clean is not None:
             with self.index.transaction():
                 self.index.set_meta("clean_shutdown", 1 if clean else 0)
+                if clean:
+                    self.index.end_epoch_cleanly()
         else:
             # Offline commands (fsck --repair, import, gc) may change rows
             # behind the running totals that close() saves.

@@ -42,7 +42,7 @@ class Services:
 
 
 class Counting:
-    """The counters of seals and removals."""
+    """The counters of seals, verifications on the request path and removals."""
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
@@ -51,6 +51,10 @@ class Counting:
         self.stats.inc("files_sealed_total")
         if not new_object:
             self.stats.inc("dedup_hits_total")
+
+    def hashed_before_serving(self, size: int) -> None:
+        self.stats.inc("request_verifications_total")
+        self.stats.inc("request_verified_bytes_total", size)
 
     def entry_removed(self, removed: EvictedEntry, reason: str) -> None:
         self.stats.inc("evictions_total", reason=reason)
@@ -101,7 +105,7 @@ def build_services(
     counting = Counting(stats)
     # A file that can never fit under the cap is refused (EFBIG) rather than
     # evicting everything else and failing anyway.
-    files = OpenFiles(index, content, max_file_size=cap)
+    files = OpenFiles(index, content, max_file_size=cap, verifications=counting)
     trees = Trees(index, root, trust, stats, is_busy=files.is_being_written)
     kernel = KernelCaches(root, trees)
     evictor = Evictor(

@@ -42,6 +42,14 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "evictions_total": ("Cache entries evicted", ("reason",)),
     "evicted_bytes_total": ("Stored bytes freed by eviction", ()),
     "integrity_failures_total": ("Objects whose bytes did not match their hash", ()),
+    "request_verifications_total": (
+        "Objects hashed on the request path before serving (no valid verification mark)",
+        (),
+    ),
+    "request_verified_bytes_total": ("Bytes hashed on the request path before serving", ()),
+    "scrub_verified_bytes_total": ("Bytes the background scrub hashed", ()),
+    "scrub_findings_total": ("Damaged or missing objects the background scrub found", ()),
+    "scrub_passes_total": ("Full passes of the background scrub over every object", ()),
     "remote_hits_total": ("Local misses served from the shared tier", ()),
     "remote_misses_total": ("Local misses the shared tier did not have either", ()),
     "remote_errors_total": ("Shared-tier operations that failed or timed out", ()),
@@ -57,6 +65,10 @@ GAUGES: dict[str, str] = {
     "entries": "Cache entries (units of eviction)",
     "cap_bytes": "The store's size cap",
     "remote_publish_backlog": "Objects waiting to be published to the shared tier",
+    "scrub_pass_started": "Unix time the background scrub's current (or last) pass started",
+    "scrub_pass_objects": "Objects the background scrub verified in its current pass",
+    "scrub_pass_bytes": "Bytes the background scrub verified in its current pass",
+    "scrub_last_finding": "Unix time of the scrub's last damaged object (0: none)",
 }
 
 # Saved with the gauges but not exported: when the daemon last saved, so that
@@ -271,6 +283,17 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         "evictions": total("evictions_total"),
         "evicted_bytes": total("evicted_bytes_total"),
         "integrity_failures": total("integrity_failures_total"),
+        # Objects hashed on the request path because they had no valid mark.
+        "request_verifications": total("request_verifications_total"),
+        "request_verified_bytes": total("request_verified_bytes_total"),
+        "scrub": {
+            "pass_started": gauges.get("scrub_pass_started", 0),
+            "objects_verified": gauges.get("scrub_pass_objects", 0),
+            "bytes_verified": gauges.get("scrub_pass_bytes", 0),
+            "passes": total("scrub_passes_total"),
+            "findings": total("scrub_findings_total"),
+            "last_finding": gauges.get("scrub_last_finding", 0) or None,
+        },
         "remote": {
             "hits": total("remote_hits_total"),
             "misses": total("remote_misses_total"),
@@ -320,6 +343,9 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         f"evictions     {summary['evictions']} entries, "
         f"{format_size(summary['evicted_bytes'])} freed",
         f"integrity     {summary['integrity_failures']} corrupt objects caught",
+        f"verified      {summary['request_verifications']} objects hashed before serving "
+        f"({format_size(summary['request_verified_bytes'])})",
+        _scrub_line(summary["scrub"]),
     ]
     remote = summary["remote"]
     if any(remote.values()):
@@ -330,6 +356,19 @@ def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
         )
     lines.append(f"saved         {_age(summary.get('saved_at'), now)}")
     return "\n".join(lines) + "\n"
+
+
+def _scrub_line(scrub: Mapping[str, Any]) -> str:
+    if not scrub["pass_started"]:
+        return "scrub         not started"
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(scrub["pass_started"]))
+    last = scrub["last_finding"]
+    finding = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "none"
+    return (
+        f"scrub         pass from {started}: {scrub['objects_verified']} objects, "
+        f"{format_size(scrub['bytes_verified'])} verified; {scrub['passes']} passes done, "
+        f"{scrub['findings']} damaged found (last: {finding})"
+    )
 
 
 def _age(saved_at: float | None, now: float | None) -> str:

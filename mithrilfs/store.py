@@ -18,6 +18,7 @@ leaves an orphan file, never a row that points at nothing).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
@@ -101,6 +102,7 @@ class Staged:
 
 
 DEFAULT_BLOCK = 4096
+_LIBC = ctypes.CDLL(None, use_errno=True)
 # How long a listing of the store's top level (index, WAL, lock) stays good.
 TOP_LEVEL_TTL = 0.1
 
@@ -290,6 +292,15 @@ class ContentStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def sync_filesystem(self) -> None:
+        """Flush everything written to the store's filesystem (syncfs(2))."""
+        fd = os.open(self.objects_dir, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _LIBC.syncfs(fd) != 0:
+                os.sync()  # not on this kernel: the whole machine, then
+        finally:
+            os.close(fd)
 
     def ensure_empty_object(self) -> None:
         target = self.object_path(EMPTY_DIGEST)
