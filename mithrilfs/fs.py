@@ -489,7 +489,7 @@ class Operations(pyfuse3.Operations):
             negative.entry_timeout = self.negative_timeout
             return negative
         self.stats.inc("lookups_total", result="hit", layout=label, tree=tree)
-        if layout != OTHER_LAYOUT:
+        if layout != OTHER_LAYOUT and node.is_file:
             self._note_marker(parent, name, node.id)
         return self._remember(node, layout, tree)
 
