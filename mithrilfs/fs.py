@@ -44,6 +44,8 @@ from mithrilfs.layouts import (
     SHARED_TREE,
     USERS_DIR,
     USERS_TREE,
+    EntryMarker,
+    entry_marker,
     layout_of,
 )
 from mithrilfs.services import Services
@@ -143,6 +145,12 @@ class Operations(pyfuse3.Operations):
         # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
         # the kernel holds: for the per-tree counters and the presentation.
         self.held_trees: dict[int, str] = {}
+        # Held inodes that mark a cache entry, for the compile-level hit and
+        # miss counters: opened for reading, the entry was found; created
+        # (or renamed into place), it was compiled.
+        self.markers: dict[int, EntryMarker] = {}
+        # Markers created in this mount whose creator has not read them back yet.
+        self.unread_markers: set[int] = set()
         self.trust = services.trust
         self.trees = services.trees
         self.users = self.trees.users
@@ -220,6 +228,25 @@ class Operations(pyfuse3.Operations):
         if parent == self.users:
             return _PRIVATE_ROOT  # its children are the layout roots of that tree
         return self.layouts.get(parent, OTHER_LAYOUT)
+
+    def _note_marker(self, parent: int, name: bytes, ino: int, *, created: bool = False) -> None:
+        """Remember whether the name *ino* is held under marks a cache entry.
+
+        A creation is a miss (the compiler compiled); the hit is counted when
+        the marker is opened for reading (`open`).
+        """
+        tree, names = self.index.tree_path(parent)
+        marker = entry_marker([*names, name])
+        if marker is None:
+            self.markers.pop(ino, None)
+            return
+        self.markers[ino] = marker
+        if created:
+            self.stats.inc(
+                "cache_entries_total", result="miss", kind=marker.kind, tree=tree or SHARED_TREE
+            )
+            if marker.read_back_by_creator:
+                self.unread_markers.add(ino)
 
     def _tree_below(self, parent: int, name: bytes) -> str:
         if parent == self.root:
@@ -400,6 +427,8 @@ class Operations(pyfuse3.Operations):
             negative.entry_timeout = self.negative_timeout
             return negative
         self.stats.inc("lookups_total", result="hit", layout=label, tree=tree)
+        if layout != OTHER_LAYOUT and node.is_file:
+            self._note_marker(parent, name, node.id)
         return self._remember(node, layout, tree)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -414,6 +443,8 @@ class Operations(pyfuse3.Operations):
             self.lookups.pop(ino, None)
             self.layouts.pop(ino, None)
             self.held_trees.pop(ino, None)
+            self.markers.pop(ino, None)
+            self.unread_markers.discard(ino)
             try:
                 self._maybe_free(ino)
             except Exception:
@@ -578,6 +609,14 @@ class Operations(pyfuse3.Operations):
         if replaced is not None:
             self._maybe_free(replaced.id)
         self._shared_name_appeared(new_parent, name_new)
+        moved = self.index.lookup(new_parent, name_new)
+        if moved is not None and moved.is_file:
+            # Compilers write each file under a temporary name: an entry is
+            # created when its marker is renamed into place.
+            exchange = bool(flags & RENAME_EXCHANGE)
+            self._note_marker(new_parent, name_new, moved.id, created=not exchange)
+        if flags & RENAME_EXCHANGE and (other := self.index.lookup(old_parent, name_old)):
+            self._note_marker(old_parent, name_old, other.id)
         if self.remote is not None:
             # Compilers write under a temporary name and rename into place.
             self.remote.notify_renamed(self._ino(parent_inode_new), name_new)
@@ -659,6 +698,8 @@ class Operations(pyfuse3.Operations):
                 self.lookups[node.id] = self.lookups.get(node.id, 0) + 1
                 self.layouts[node.id] = self._layout_below(fh, name)
                 self.held_trees[node.id] = tree
+                if node.is_file:
+                    self._note_marker(fh, name, node.id)
                 after = entry_id
             if len(batch) < READDIR_BATCH:
                 return
@@ -688,6 +729,7 @@ class Operations(pyfuse3.Operations):
             node = self.index.make_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
         fh = self.files.open(node.id, flags & ~os.O_TRUNC)
         self._shared_name_appeared(parent, name)
+        self._note_marker(parent, name, node.id, created=True)
         attrs = self._remember(node, self._layout_below(parent, name), tree)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True), attrs
 
@@ -733,9 +775,24 @@ class Operations(pyfuse3.Operations):
         )
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self.evictor.recency.touch(node.entry)
+            self._marker_read(ino)
         # Content is immutable once sealed and every change passes through
         # the kernel's own page cache, so cached pages stay valid across opens.
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    def _marker_read(self, ino: int) -> None:
+        marker = self.markers.get(ino)
+        if marker is None:
+            return
+        if ino in self.unread_markers:
+            self.unread_markers.discard(ino)  # its creator reading it back: part of the miss
+            return
+        self.stats.inc(
+            "cache_entries_total",
+            result="hit",
+            kind=marker.kind,
+            tree=self.held_trees.get(ino, SHARED_TREE),
+        )
 
     @guarded
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:

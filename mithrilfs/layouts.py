@@ -139,3 +139,54 @@ def is_triton_entry(path: tuple[bytes, ...]) -> bool:
 def is_triton_complete(names: list[bytes]) -> bool:
     """Whether a Triton entry whose top-level file names are *names* has its group file."""
     return any(name.startswith(TRITON_GROUP_PREFIX) for name in names)
+
+
+@dataclass(frozen=True)
+class EntryMarker:
+    """The file of a cache entry that a compiler reads when it finds the entry.
+
+    A compiler that looks an entry up opens this file for reading once per
+    lookup, and one that compiles writes it once, so its opens count the
+    hits and its creations the misses (docs/performance.md, "Hit rate").
+    ``read_back_by_creator``: the compiler that writes the entry reads the
+    marker back at once (inductor imports the module it just wrote), so the
+    first read after a creation belongs to that miss.
+    """
+
+    kind: str
+    read_back_by_creator: bool = False
+
+
+TRITON_KERNEL = EntryMarker("triton")
+FX_GRAPH = EntryMarker("fxgraph")
+AOT_AUTOGRAD = EntryMarker("aotautograd")
+GENERATED_CODE = EntryMarker("code", read_back_by_creator=True)
+MARKER_KINDS = tuple(m.kind for m in (TRITON_KERNEL, FX_GRAPH, AOT_AUTOGRAD, GENERATED_CODE))
+
+
+def entry_marker(parts: list[bytes]) -> EntryMarker | None:
+    """The marker that the file at *parts* (from a tree's root) is, if any.
+
+    Triton's group file ``__grp__<name>.json`` names every artifact of a
+    kernel and is what Triton reads first on a hit; an FX graph or
+    AOTAutograd entry is one file in its key directory; a code-cache entry
+    is marked by its ``.py`` module (the ``.so`` of a C++ entry is loaded
+    only through it).
+    """
+    name = parts[-1] if parts else b""
+    if is_transient(name) or len(parts) < 3:
+        return None
+    triton_key = (parts[0] == b"triton" and len(parts) == 3) or (
+        parts[:2] == [b"inductor", b"triton"] and len(parts) == 5
+    )
+    if triton_key:
+        return TRITON_KERNEL if name.startswith(b"__grp__") and name.endswith(b".json") else None
+    if parts[0] != b"inductor":
+        return None
+    if parts[1] == b"fxgraph" and len(parts) == 5:
+        return FX_GRAPH
+    if parts[1] == b"aotautograd" and len(parts) == 4:
+        return AOT_AUTOGRAD
+    if len(parts[1]) == 2 and len(parts) == 3 and name.endswith(b".py"):
+        return GENERATED_CODE
+    return None

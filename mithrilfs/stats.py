@@ -21,14 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mithrilfs.layouts import SHARED_TREE, USERS_DIR
+from mithrilfs.layouts import MARKER_KINDS, SHARED_TREE, USERS_DIR
 from mithrilfs.units import format_size
 
 # name -> (help text, label names).  Names follow Prometheus conventions;
 # the exported metric is "mithrilfs_" + name.
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cache_entries_total": (
+        "Compiler cache entries found (hit: a compiler read the entry) or compiled (miss: "
+        "a compiler created it), by kind: triton kernel, fxgraph, aotautograd, code",
+        ("result", "kind", "tree"),
+    ),
     "lookups_total": (
-        "Name lookups, by whether the name existed (a hit from the shared tree counts here too)",
+        "Name lookups the daemon answered, by whether the name existed (a hit from the shared "
+        "tree counts here too); the kernel answers repeated lookups itself, unseen here",
         ("result", "layout", "tree"),
     ),
     "opens_total": ("Files opened", ("layout", "tree")),
@@ -234,6 +240,7 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         )
 
     layouts: dict[str, dict[str, int]] = {}
+    kinds: dict[str, dict[str, int]] = {kind: {"hit": 0, "miss": 0} for kind in MARKER_KINDS}
     opens_by_layout: dict[str, int] = {}
     trees: dict[str, dict[str, int]] = {}
 
@@ -244,7 +251,10 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         )
 
     for name, labels, value in snapshot.counters:
-        if name == "lookups_total":
+        if name == "cache_entries_total":
+            kind = kinds.setdefault(labels.get("kind", "other"), {"hit": 0, "miss": 0})
+            kind[labels.get("result", "miss")] += value
+        elif name == "lookups_total":
             layout = layouts.setdefault(labels.get("layout", "other"), {"hit": 0, "miss": 0})
             layout[labels.get("result", "miss")] += value
             tree_of(labels)[labels.get("result", "miss")] += value
@@ -258,11 +268,24 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
         counts = tree_of({"tree": tree})
         counts["logical_bytes"], counts["files"] = size, files
     hits, misses = total("lookups_total", result="hit"), total("lookups_total", result="miss")
+    found = total("cache_entries_total", result="hit")
+    compiled = total("cache_entries_total", result="miss")
     gauges = snapshot.gauges
     logical, stored = gauges.get("logical_bytes", 0), gauges.get("store_bytes", 0)
     classes = sorted({labels.get("device_class", "") for _n, labels, _v in snapshot.counters})
     return {
         "device_classes": classes,
+        # Compile-level: cache entries a compiler found (hit) or had to create (miss).
+        "compiles": {
+            "hit": found,
+            "miss": compiled,
+            "hit_rate": _ratio(found, found + compiled),
+            "by_kind": {
+                name: dict(counts, hit_rate=_ratio(counts["hit"], counts["hit"] + counts["miss"]))
+                for name, counts in kinds.items()
+            },
+        },
+        # Name lookups the daemon saw (the kernel answers repeated ones itself).
         "lookups": {
             "hit": hits,
             "miss": misses,
@@ -316,16 +339,16 @@ def summarize(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def render_text(summary: Mapping[str, Any], now: float | None = None) -> str:
+    compiles = summary.get("compiles", {"hit": 0, "miss": 0, "hit_rate": 0.0, "by_kind": {}})
     lookups = summary["lookups"]
-    lines = [
-        f"hit rate      {_percent(lookups['hit_rate'])}  "
-        f"({lookups['hit']} hits, {lookups['miss']} misses)",
+    lines = [_rate_line("hit rate", compiles)]
+    lines += [
+        _rate_line(f"  {name}", counts)
+        for name, counts in compiles["by_kind"].items()
+        if counts["hit"] or counts["miss"]
     ]
-    for name, counts in lookups["by_layout"].items():
-        lines.append(
-            f"  {name:<11} {_percent(counts['hit_rate'])}  "
-            f"({counts['hit']} hits, {counts['miss']} misses)"
-        )
+    lines.append(_rate_line("lookup hits", lookups))
+    lines += [_rate_line(f"  {name}", counts) for name, counts in lookups["by_layout"].items()]
     for name, counts in summary.get("trees", {}).items():
         lines.append(
             f"  tree {name:<16} {counts['hit']} hits ({counts['from_shared']} from shared), "
@@ -368,6 +391,13 @@ def _scrub_line(scrub: Mapping[str, Any]) -> str:
         f"scrub         pass from {started}: {scrub['objects_verified']} objects, "
         f"{format_size(scrub['bytes_verified'])} verified; {scrub['passes']} passes done, "
         f"{scrub['findings']} damaged found (last: {finding})"
+    )
+
+
+def _rate_line(label: str, counts: Mapping[str, Any]) -> str:
+    return (
+        f"{label:<13} {_percent(counts['hit_rate'])}  "
+        f"({counts['hit']} hits, {counts['miss']} misses)"
     )
 
 

@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/bench.py [--quick] [--json OUT] [--png OUT]
                                       [--workloads a,b,...] [--repeat N]
+                                      [--workload ranks --ranks 2,4,8]
 
 Everything is built in a temporary directory: the data, a native directory
 and a fresh mithrilfs store and mount per workload.  Each repetition runs a
@@ -11,7 +12,7 @@ which goes first, and the first repetition is a warm-up whose numbers are
 dropped (where one is configured; see DEFAULTS).  The table shows medians
 over the kept repetitions and the ratio mount / native.
 
-Workloads (``--workloads``, comma-separated; default all):
+Workloads (``--workloads``, comma-separated; default all but ranks):
 
   torch_mlp, torch_transformer
       torch.compile on CPU, whole-process wall time of a fresh python process
@@ -38,6 +39,22 @@ Workloads (``--workloads``, comma-separated; default all):
       time (until the command returns, i.e. until the mount is ready), stat
       latency of random existing files (one LOOKUP each), the daemon's RSS
       and its CPU use while idle.
+  ranks
+      N ranks started together (torchrun on CPU, gloo, N = 2, 4, 8; ``--ranks``
+      to choose), every rank torch.compiling the same small model with the
+      caches on the directory under test, cold (empty cache) then warm.  With
+      N above the machine's cores the ranks are oversubscribed.
+  large
+      sequential read (1 MiB reads) of one 256 MiB file: cold (the first read
+      after a fresh mount, the file's or the backing object's pages dropped
+      from the host page cache with POSIX_FADV_DONTNEED, so both sides read
+      the disk) and warm (the next read, from the page cache).
+
+For ranks and large the mount's daemon runs under
+bench_workloads/counting_daemon.py: next to each wall time the table shows
+the daemon's CPU seconds (/proc/PID/stat) and the requests it answered in
+that phase.  The last column is the spread over the kept repetitions,
+min/median/max.
 
 Mounts are always unmounted in ``finally`` (fusermount3 -u, then -uz and
 SIGKILL of the daemon if it does not exit); the run ends by checking
@@ -74,7 +91,9 @@ PYTHON = sys.executable
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-ALL_WORKLOADS = ("torch_mlp", "torch_transformer", "triton", "tree", "scale")
+ALL_WORKLOADS = ("torch_mlp", "torch_transformer", "triton", "tree", "scale", "ranks", "large")
+# ranks only when asked for: on 2 cores N = 2 alone takes minutes, N = 8 over half an hour.
+DEFAULT_WORKLOADS = tuple(w for w in ALL_WORKLOADS if w != "ranks")
 BENCH_CLASS = "cuda-sm90"  # the device class the workload mounts serve
 MOUNT_DEADLINE = 60.0
 UNMOUNT_DEADLINE = 60.0
@@ -95,6 +114,9 @@ DEFAULTS = {
         "dlopen_libs": 8,
         "scale_sizes": (10_000, 100_000, 1_000_000),
         "scale_samples": 2000,
+        "ranks": (1, 0),
+        "rank_counts": (2, 4, 8),
+        "large": (3, 1),
     },
     "quick": {
         "torch_mlp": (1, 0),
@@ -108,6 +130,9 @@ DEFAULTS = {
         "dlopen_libs": 4,
         "scale_sizes": (10_000, 100_000),
         "scale_samples": 1000,
+        "ranks": (1, 0),
+        "rank_counts": (2, 4),
+        "large": (2, 1),
     },
 }
 
@@ -121,6 +146,10 @@ RATIO_TARGETS = {
     ("tree", "stat p50", "warm"): 1.5,
     ("tree", "stat missing p50", "repeat"): 2.0,
     ("tree", "read small p50", "warm"): 3.0,
+    ("ranks N=8", "wall", "warm"): 1.05,
+    # Throughput: cold >= 50% of native, warm >= 90% (time ratios 2 and 1/0.9).
+    ("large", "read 256 MiB", "cold"): 2.0,
+    ("large", "read 256 MiB", "warm"): 1.11,
 }
 STARTUP_TARGET_S = 2.0  # mount start-up with 10^6 files
 LOOKUP_SCALE_TARGET = 1.5  # stat p50 at 10^6 / at 10^4
@@ -484,12 +513,17 @@ def rss_kib(pid: int | None) -> dict[str, int]:
 
 def run_python(script: str, args: list[str], env_extra: dict[str, str]) -> tuple[float, dict]:
     """Run a workload script in a fresh python; return (wall seconds, its JSON line)."""
+    return run_timed([os.fspath(WORKLOAD_SCRIPTS / script), *args], env_extra)
+
+
+def run_timed(args: list[str], env_extra: dict[str, str]) -> tuple[float, dict]:
+    """Run python with *args*; return (wall seconds, the last JSON line it printed)."""
     env = dict(os.environ)
     env.update(env_extra)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     t0 = time.perf_counter()
     result = subprocess.run(
-        [PYTHON, os.fspath(WORKLOAD_SCRIPTS / script), *args],
+        [PYTHON, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -500,7 +534,7 @@ def run_python(script: str, args: list[str], env_extra: dict[str, str]) -> tuple
     wall = time.perf_counter() - t0
     if result.returncode != 0:
         raise RuntimeError(
-            f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
         )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     return wall, (json.loads(lines[-1]) if lines else {})
@@ -572,6 +606,197 @@ def _compile_runs(
     remount()
     runs["remount"] = run_python(script, args, env)
     return runs
+
+
+# -- many ranks and large artifacts: daemon CPU and requests per phase ------------
+
+COUNTING_DAEMON = WORKLOAD_SCRIPTS / "counting_daemon.py"
+RANKS_SCRIPT = WORKLOAD_SCRIPTS / "ranks_compile.py"
+LARGE_BYTES = 256 * 2**20
+READ_CHUNK = 2**20
+
+
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of *pid*, all its threads."""
+    if pid is None:
+        return float("nan")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CountedMount(Mount):
+    """A mount whose daemon counts its requests (bench_workloads/counting_daemon.py)."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.counts_file = base / f"{name}-counts.json"
+        super().__init__(
+            base,
+            name,
+            entry=[os.fspath(COUNTING_DAEMON)],
+            env={"MITHRILFS_COUNTS": os.fspath(self.counts_file)},
+        )
+
+    def requests(self) -> dict[str, int]:
+        """Requests per operation since the last call (the daemon starts again from zero)."""
+        self.counts_file.unlink(missing_ok=True)
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not self.counts_file.exists():
+            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError("the counting daemon did not answer SIGUSR2")
+            time.sleep(0.005)
+        counts: dict[str, list[int]] = json.loads(self.counts_file.read_text())
+        return {op: value[0] for op, value in counts.items()}
+
+
+@contextmanager
+def daemon_cost(
+    results: Results, workload: str, phase: str, mount: CountedMount | None, kept: bool
+) -> Iterator[None]:
+    """Record the daemon's CPU seconds and request count over the block (mount side only)."""
+    if mount is None:
+        yield
+        return
+    mount.requests()
+    cpu0 = process_cpu_s(mount.pid)
+    yield
+    # RELEASE and FORGET may arrive just after the last syscall returned.
+    time.sleep(0.2)
+    cpu = process_cpu_s(mount.pid) - cpu0
+    requests = mount.requests()
+    total = sum(requests.values())
+    top = ", ".join(f"{op} {n}" for op, n in sorted(requests.items(), key=lambda i: -i[1])[:5])
+    log(f"    daemon: {cpu:.2f} s CPU, {total} requests ({top})")
+    if kept:
+        results.add(workload, "daemon CPU", phase, "s", "mount", cpu)
+        results.add(workload, "daemon requests", phase, "req", "mount", total)
+
+
+def bench_ranks(cfg: dict, base: Path, results: Results) -> None:
+    """N ranks started together (torchrun, gloo, CPU), each torch.compiling the same model."""
+    measured, warmup = cfg["ranks"]
+    for n in cfg["rank_counts"]:
+        workload = f"ranks N={n}"
+        for rep in range(warmup + measured):
+            kept = rep >= warmup
+            for side in sides(rep):
+                name = f"ranks{n}-{side}-{rep}"
+                mount = CountedMount(base, name) if side == "mount" else None
+                root = mount.mountpoint if mount is not None else base / name
+                if mount is None:
+                    for sub in ("inductor", "triton"):
+                        (root / sub).mkdir(parents=True)
+                else:
+                    mount.start()
+                try:
+                    for phase in ("cold", "warm"):
+                        with daemon_cost(results, workload, phase, mount, kept):
+                            wall, info = _torchrun(n, root)
+                        log(
+                            f"  {workload} rep {rep}{'' if kept else ' (warm-up)'} {side:6} "
+                            f"{phase}: {wall:.2f}s (rank compile max "
+                            f"{max(info.get('compile_s', [0])):.2f}s, fxgraph hits "
+                            f"{info.get('fxgraph_cache_hit')}, misses "
+                            f"{info.get('fxgraph_cache_miss')})"
+                        )
+                        if kept:
+                            results.add(workload, "wall", phase, "s", side, wall)
+                        if phase == "warm" and not info.get("fxgraph_cache_hit"):
+                            results.notes.setdefault("warm_misses", []).append(
+                                f"{workload}/{side}/{rep}"
+                            )
+                finally:
+                    if mount is not None:
+                        mount.stop()
+
+
+def _torchrun(n: int, root: Path) -> tuple[float, dict]:
+    env = {
+        **cache_env(root),
+        # One compile process per rank: eight ranks with a worker pool each
+        # would measure the pools, not the cache.
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    return run_timed([*args, os.fspath(RANKS_SCRIPT)], env)
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's clean pages from the host page cache (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def sequential_read(path: Path) -> float:
+    """Seconds to read *path* start to end in 1 MiB reads."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(view):
+            pass
+    return time.perf_counter() - t0
+
+
+def bench_large(cfg: dict, base: Path, results: Results) -> None:
+    """Sequential read of one 256 MiB file (an AOTInductor package, a big .so).
+
+    cold: the first read after a fresh mount, with the file's pages (natively)
+    and the backing object's pages (mount) dropped from the host page cache,
+    so both sides read from the disk; warm: the next read, from the page cache.
+    """
+    measured, warmup = cfg["large"]
+    source = base / "large-src.bin"
+    with open(source, "wb") as out:
+        rng = random.Random(5)
+        for _ in range(LARGE_BYTES // READ_CHUNK):
+            out.write(rng.randbytes(READ_CHUNK))
+    native = base / "large-native" / "model.so"
+    native.parent.mkdir()
+    shutil.copyfile(source, native)
+    mount = CountedMount(base, "large")
+    mount.start()
+    try:
+        inside = mount.mountpoint / "inductor" / "ab" / "model.so"
+        inside.parent.mkdir(parents=True)
+        shutil.copyfile(source, inside)
+        backing = max(
+            (p for p in (mount.store / "objects").rglob("*") if p.is_file()),
+            key=lambda p: p.stat().st_size,
+        )
+        for rep in range(warmup + measured):
+            kept = rep >= warmup
+            for side in sides(rep):
+                if side == "native":
+                    drop_from_page_cache(native)
+                    times = {"cold": sequential_read(native), "warm": sequential_read(native)}
+                else:
+                    mount.remount()
+                    drop_from_page_cache(backing)
+                    times = {}
+                    for phase in ("cold", "warm"):
+                        with daemon_cost(results, "large", phase, mount, kept):
+                            times[phase] = sequential_read(inside)
+                for phase, seconds in times.items():
+                    rate = LARGE_BYTES / 2**20 / seconds
+                    log(
+                        f"  large rep {rep}{'' if kept else ' (warm-up)'} {side:6} {phase}: "
+                        f"{seconds:.3f}s ({rate:.0f} MiB/s)"
+                    )
+                    if kept:
+                        results.add("large", "read 256 MiB", phase, "s", side, seconds)
+                        results.add("large", "throughput", phase, "MiB/s", side, rate)
+    finally:
+        mount.stop()
 
 
 # -- the synthetic cache tree ----------------------------------------------------
@@ -1104,11 +1329,18 @@ def scale_checks(results: Results) -> list[tuple[str, str, bool | None]]:
     return checks
 
 
+def spread(values: list[float]) -> str:
+    """min/median/max of the kept repetitions ("-" for none, the value for one)."""
+    if len(values) < 2:
+        return fmt(values[0]) if values else "-"
+    return f"{fmt(min(values))}/{fmt(median(values))}/{fmt(max(values))}"
+
+
 def table_text(results: Results) -> str:
     lines = []
     header = (
         f"{'workload':<18} {'metric':<26} {'phase':<7} {'unit':<4} {'native':>9} "
-        f"{'mount':>9} {'ratio':>7} {'target':>7}  result"
+        f"{'mount':>9} {'ratio':>7} {'target':>7}  {'result':<6} spread native | mount"
     )
     lines += [header, "-" * len(header)]
     for metric in results.metrics.values():
@@ -1117,7 +1349,8 @@ def table_text(results: Results) -> str:
         lines.append(
             f"{metric.workload:<18} {metric.name:<26} {metric.phase:<7} {metric.unit:<4} "
             f"{fmt(metric.native_median):>9} {fmt(metric.mount_median):>9} "
-            f"{fmt(metric.ratio) + 'x':>7} {target:>7}  {verdict}"
+            f"{fmt(metric.ratio) + 'x':>7} {target:>7}  {verdict:<6} "
+            f"{spread(metric.native)} | {spread(metric.mount)}"
         )
     if results.scale:
         lines += [
@@ -1163,9 +1396,12 @@ def plot(results: Results, path: Path, title: str) -> None:
         ("tree", "walk"),
         ("tree", "dlopen p50"),
         ("tree", "write+rename p50"),
+        ("large", "read 256 MiB"),
     }
     for metric in results.metrics.values():
-        if (metric.workload, metric.name) in plotted:
+        if (metric.workload, metric.name) in plotted or (
+            metric.workload.startswith("ranks") and metric.name == "wall"
+        ):
             groups.setdefault(f"{metric.workload}: {metric.name}", []).append(metric)
     n_panels = len(groups) + (3 if results.scale else 0)
     if n_panels == 0:
@@ -1280,11 +1516,15 @@ def main() -> int:
     parser.add_argument("--png", type=Path, help="write a chart here")
     parser.add_argument(
         "--workloads",
-        default=",".join(ALL_WORKLOADS),
-        help=f"comma-separated subset of {','.join(ALL_WORKLOADS)}",
+        "--workload",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (default: all but ranks)",
     )
     parser.add_argument(
         "--repeat", type=int, help="measured repetitions per workload (a warm-up is added)"
+    )
+    parser.add_argument(
+        "--ranks", help="comma-separated rank counts for the ranks workload (default 2,4,8)"
     )
     parser.add_argument("--tmpdir", type=Path, help="where to make the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -1304,6 +1544,11 @@ def main() -> int:
     if args.repeat is not None:
         for workload in ALL_WORKLOADS:
             cfg[workload] = (max(1, args.repeat), cfg[workload][1])
+    if args.ranks:
+        counts = [n.strip() for n in args.ranks.split(",")]
+        if not all(n.isdigit() and int(n) > 0 for n in counts):
+            parser.error(f"--ranks expects comma-separated positive integers, got {args.ranks!r}")
+        cfg["rank_counts"] = tuple(int(n) for n in counts)
     if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
         print("bench: needs FUSE 3 (fusermount3 and /dev/fuse)", file=sys.stderr)
         return 2
@@ -1338,6 +1583,10 @@ def main() -> int:
                     bench_tree(cfg, base, results, args.profile_daemon)
                 elif workload == "scale":
                     bench_scale(cfg, base, results)
+                elif workload == "ranks":
+                    bench_ranks(cfg, base, results)
+                elif workload == "large":
+                    bench_large(cfg, base, results)
             except (Exception, KeyboardInterrupt) as exc:
                 results.errors[workload] = "".join(traceback.format_exception(exc))
                 log(f"!! {workload} failed: {exc!r}")

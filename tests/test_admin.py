@@ -259,7 +259,8 @@ def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:  #
     assert lines[1].startswith("tree          users/mta_a (yours")
     hits, misses = own["lookups"]["hit"], own["lookups"]["miss"]
     assert any(
-        line.startswith("hit rate") and f"({hits} hits, {misses} misses)" in line for line in lines
+        line.startswith("lookup hits") and f"({hits} hits, {misses} misses)" in line
+        for line in lines
     )
 
     # A user with nothing written yet has an empty tree, not an error.

@@ -434,6 +434,7 @@ def test_real_run_finds_a_stale_mount(mount) -> None:  # type: ignore[no-untyped
 
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana-dashboard.json"
 METRICS = {
+    "mithrilfs_cache_entries_total",
     "mithrilfs_lookups_total",
     "mithrilfs_opens_total",
     "mithrilfs_read_bytes_total",

@@ -46,6 +46,24 @@ def _block_class():  # type: ignore[no-untyped-def]
     return Block
 
 
+def build(name: str):  # type: ignore[no-untyped-def]
+    """(model, input) of the model called *name*, seeded: the same in every process."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    if name == "mlp":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 128),
+            torch.nn.GELU(),
+            torch.nn.Linear(128, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 16),
+        ).eval()
+        return model, torch.randn(8, 64)
+    return _block_class()(d_model=64, n_heads=4, d_ff=128).eval(), torch.randn(2, 16, 64)
+
+
 def main() -> int:
     t_start = time.perf_counter()
     parser = argparse.ArgumentParser()
@@ -56,20 +74,7 @@ def main() -> int:
     from torch._dynamo.utils import counters
 
     t_imported = time.perf_counter()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    if args.model == "mlp":
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 128),
-            torch.nn.GELU(),
-            torch.nn.Linear(128, 128),
-            torch.nn.ReLU(),
-            torch.nn.Linear(128, 16),
-        ).eval()
-        x = torch.randn(8, 64)
-    else:
-        model = _block_class()(d_model=64, n_heads=4, d_ff=128).eval()
-        x = torch.randn(2, 16, 64)
+    model, x = build(args.model)
     compiled = torch.compile(model)
     with torch.no_grad():
         out = compiled(x)
