@@ -163,9 +163,6 @@ class OpenFiles:
         self._verified.add(digest)
         return True
 
-    def open_count(self) -> int:
-        return len(self._handles)
-
     # -- open and close -----------------------------------------------------
 
     def staged_bytes(self) -> int:

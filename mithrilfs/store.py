@@ -18,7 +18,6 @@ leaves an orphan file, never a row that points at nothing).
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import time
@@ -295,7 +294,3 @@ def _remove_if_empty(directory: Path) -> bool:
     except OSError:
         return False  # not empty (the usual case), gone, or not ours to remove
     return True
-
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
