@@ -227,12 +227,33 @@ class IndexReader:
         ).fetchone()
         return Inode(*row) if row else None
 
-    def class_roots(self) -> list[tuple[bytes, int]]:
-        """(name, inode) of every device-class tree, by name."""
+    def names_in(self, directory: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every name in *directory*, by name."""
         rows: list[tuple[bytes, int]] = self.db.execute(
-            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (SUPER_ROOT,)
+            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (directory,)
         ).fetchall()
         return rows
+
+    def names_with_prefix(
+        self, directory: int, prefix: bytes, limit: int = -1
+    ) -> list[tuple[bytes, int]]:
+        """(name, inode) of the names in *directory* that start with *prefix*, by name.
+
+        A range on the (parent, name) index, so the cost is the names returned.
+        """
+        if not prefix or prefix[-1] == 0xFF:
+            raise ValueError(f"no range of names for the prefix {prefix!r}")
+        after = prefix[:-1] + bytes([prefix[-1] + 1])
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? AND name >= ? AND name < ? "
+            "ORDER BY name LIMIT ?",
+            (directory, prefix, after, limit),
+        ).fetchall()
+        return rows
+
+    def class_roots(self) -> list[tuple[bytes, int]]:
+        """(name, inode) of every device-class tree, by name."""
+        return self.names_in(SUPER_ROOT)
 
     def private_roots(self, class_root: int) -> list[tuple[bytes, int]]:
         """(name, inode) of every private tree root under *class_root*."""
@@ -1176,18 +1197,7 @@ class Index(IndexReader):
         key = self.entry_key(entry_id)
         if key is None or key.kind != "dir":
             return False
-        return self._has_child_with_prefix(key.root, TRITON_TMP_PREFIX)
-
-    def _has_child_with_prefix(self, directory: int, prefix: bytes) -> bool:
-        # A range on the (parent, name) index: every name that starts with *prefix*.
-        after = prefix[:-1] + bytes([prefix[-1] + 1])
-        return (
-            self.db.execute(
-                "SELECT 1 FROM entries WHERE parent=? AND name >= ? AND name < ? LIMIT 1",
-                (directory, prefix, after),
-            ).fetchone()
-            is not None
-        )
+        return bool(self.names_with_prefix(key.root, TRITON_TMP_PREFIX, limit=1))
 
     def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
         """(inode, object digest) of every file in a cache entry."""

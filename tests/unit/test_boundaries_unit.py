@@ -68,7 +68,9 @@ def sql_outside_index(path: Path) -> list[str]:
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
             and (
-                node.func.attr in _EXECUTE
+                # A statement is the first argument (a Redis pipeline's
+                # execute() takes none).
+                (node.func.attr in _EXECUTE and bool(node.args))
                 or (
                     node.func.attr == "connect"
                     and isinstance(node.func.value, ast.Name)
@@ -118,8 +120,9 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     stray = tmp_path / "stray.py"
     stray.write_text(
         '"""A module that breaks both rules (docstrings may name SELECT x FROM y)."""\n'
-        "def f(db):\n"
+        "def f(db, pipe):\n"
         '    db.execute("SELECT id FROM inodes")\n'
+        "    pipe.execute()\n"
         '    return b"d%d" % 3, b"triton", "__grp__x.json"\n'
     )
     assert sorted(sql_outside_index(stray)) == [
@@ -127,7 +130,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
         "stray.py:3: execute()",
     ]
     assert sorted(layout_literals_outside_layouts(stray)) == [
-        "stray.py:4: '__grp__x.json'",
-        "stray.py:4: b'd%d'",
-        "stray.py:4: b'triton'",
+        "stray.py:5: '__grp__x.json'",
+        "stray.py:5: b'd%d'",
+        "stray.py:5: b'triton'",
     ]

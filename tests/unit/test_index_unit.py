@@ -169,6 +169,23 @@ def test_rename_replaces_and_refuses_a_move_into_its_own_subtree(store: Store) -
     assert moved.size == 3
 
 
+def test_names_in_a_directory_and_by_prefix(store: Store) -> None:
+    code = store.makedirs(b"inductor/ab")
+    for name in (b"cabc.so", b"cabc.py", b"cabd.py", b"cab"):
+        store.write(code.id, name, name)
+    assert [name for name, _ino in store.index.names_in(code.id)] == [
+        b"cab",
+        b"cabc.py",
+        b"cabc.so",
+        b"cabd.py",
+    ]
+    stem = store.index.names_with_prefix(code.id, b"cabc.")
+    assert [name for name, _ino in stem] == [b"cabc.py", b"cabc.so"]
+    assert len(store.index.names_with_prefix(code.id, b"cab", limit=1)) == 1
+    with pytest.raises(ValueError, match="no range"):
+        store.index.names_with_prefix(code.id, b"")
+
+
 def test_paths_climb_to_the_class_root(store: Store) -> None:
     deep = store.makedirs(b"inductor/fxgraph/ab")
     path, inodes = store.index.dir_path(deep.id)
