@@ -49,6 +49,7 @@ from mithrilfs.clock import SYSTEM_CLOCK, Clock
 from mithrilfs.errors import UserError
 from mithrilfs.index import Index
 from mithrilfs.interfaces import Holders, NothingHeld, NothingStaged, RemovalListener, Staging
+from mithrilfs.layouts import EntryKey
 from mithrilfs.store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -448,10 +449,10 @@ def select_entries(index: Index, selection: Selection, now_ns: int) -> list[Cand
             if entry is not None:
                 files.setdefault(entry, []).append(paths.below(parent, name))
         for entry_id, file_paths in files.items():
-            key, entry_root, last_read = table[entry_id]
+            key, _entry_root, last_read = table[entry_id]
             if cutoff is not None and last_read >= cutoff:
                 continue
-            own = _entry_path(key, entry_root, paths, file_paths)
+            own = _entry_path(key, paths, file_paths)
             if selection.path is not None and not any(
                 fnmatch.fnmatchcase(path, selection.path) for path in (own, *file_paths)
             ):
@@ -495,14 +496,10 @@ class _TreePaths:
         return f"{above}/{os.fsdecode(name)}" if above else os.fsdecode(name)
 
 
-def _entry_path(key: bytes, root: int, paths: _TreePaths, file_paths: list[str]) -> str:
-    if key.startswith(b"d"):
-        return paths.of(root)
-    if key.startswith(b"s"):
-        directory = paths.of(root)
-        stem = os.fsdecode(key.split(b"/", 1)[1]) + ".*"
-        return f"{directory}/{stem}" if directory else stem
-    return file_paths[0]
+def _entry_path(key: EntryKey, paths: _TreePaths, file_paths: list[str]) -> str:
+    if key.kind == "file":
+        return file_paths[0]
+    return key.describe(paths.of(key.root))
 
 
 def _location(index: Index, entry_id: int) -> str:

@@ -141,7 +141,6 @@ class Operations(pyfuse3.Operations):
         # The layout (triton, inductor, other) of each inode the kernel holds,
         # for the per-layout counters.
         self.layouts: dict[int, str] = {}
-        self.dir_handles = 0
         # The tree (layouts.SHARED_TREE or a user's tree name) of each inode
         # the kernel holds: for the per-tree counters and the presentation.
         self.held_trees: dict[int, str] = {}
@@ -681,7 +680,6 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.ENOTDIR)
         if self.held_trees.get(ino, SHARED_TREE) not in (SHARED_TREE, USERS_TREE):
             self.trees.clone_missing(ino)  # a listing shows the union
-        self.dir_handles += 1
         return pyfuse3.FileHandleT(ino)
 
     @guarded
@@ -706,7 +704,7 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
-        self.dir_handles -= 1
+        """Nothing to free: a directory handle is the directory's inode number."""
 
     @guarded
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:

@@ -39,8 +39,6 @@ from mithrilfs.layouts import PRIVATE_ROOT_MODE, USERS_DIR, USERS_MODE
 from mithrilfs.store import EMPTY_DIGEST, ContentStore
 from mithrilfs.tenancy import tree_owner
 
-_S_IFMT = 0o170000
-
 
 @dataclass
 class Problem:
@@ -70,16 +68,10 @@ def check(
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     report = Report()
-    db = index.db
     add = report.problems.append
 
-    referenced: dict[bytes, int] = {}
-    for digest, count in db.execute(
-        "SELECT object, count(*) FROM inodes WHERE object IS NOT NULL GROUP BY object"
-    ):
-        referenced[digest] = count
-
-    rows = db.execute("SELECT hash, size, refcount FROM objects").fetchall()
+    referenced = index.object_references()
+    rows = index.object_rows()
     known = {digest for digest, _size, _refcount in rows}
     for done, (digest, size, refcount) in enumerate(rows, 1):
         report.objects_checked += 1
@@ -123,14 +115,14 @@ def check(
                 )
             )
 
-    for digest, path in content.iter_objects():
-        if digest is None or digest not in known:
+    for on_disk, path in content.iter_objects():
+        if on_disk is None or on_disk not in known:
             add(Problem("orphan", f"object file {path} has no row", _unlink(path)))
 
     for path in content.staging_files():
         add(Problem("staging", f"leftover staging file {path}", _unlink(path)))
 
-    for (ino,) in db.execute("SELECT id FROM inodes WHERE nlink = 0"):
+    for ino in index.unlinked_inodes():
         add(
             Problem(
                 "unlinked",
@@ -191,17 +183,10 @@ def _check_private_root(
 
 def _check_cache_entries(index: Index, report: Report) -> None:
     """Every linked file belongs to an existing cache entry; no entry is empty."""
-    db = index.db
     add = report.problems.append
-    for (ino,) in db.execute(
-        "SELECT i.id FROM inodes i LEFT JOIN cache_entries c ON c.id = i.entry "
-        f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG} AND i.nlink > 0 AND c.id IS NULL"
-    ).fetchall():
+    for ino in index.unplaced_files():
         add(Problem("entries", f"file {ino} belongs to no cache entry", _place(index, ino)))
-    for (entry_id,) in db.execute(
-        "SELECT c.id FROM cache_entries c WHERE NOT EXISTS "
-        "(SELECT 1 FROM inodes i WHERE i.entry = c.id)"
-    ).fetchall():
+    for entry_id in index.empty_cache_entries():
         add(
             Problem(
                 "entries",
@@ -212,18 +197,10 @@ def _check_cache_entries(index: Index, report: Report) -> None:
 
 
 def _check_namespace(index: Index, content: ContentStore, report: Report) -> None:
-    db = index.db
     add = report.problems.append
-    entry_counts = dict(db.execute("SELECT inode, count(*) FROM entries GROUP BY inode"))
-    subdirs = dict(
-        db.execute(
-            "SELECT e.parent, count(*) FROM entries e JOIN inodes i ON i.id = e.inode "
-            f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFDIR} GROUP BY e.parent"
-        )
-    )
-    for ino, mode, nlink, size, digest in db.execute(
-        "SELECT i.id, i.mode, i.nlink, i.size, i.object FROM inodes i"
-    ).fetchall():
+    entry_counts = index.names_per_inode()
+    subdirs = index.subdirs_per_dir()
+    for ino, mode, nlink, size, digest in index.inode_summaries():
         report.inodes_checked += 1
         if ino == SUPER_ROOT or nlink == 0:
             continue
@@ -267,10 +244,7 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
                         )
                     )
 
-    for (ino,) in db.execute(
-        "SELECT DISTINCT x.inode FROM xattrs x LEFT JOIN inodes i ON i.id = x.inode "
-        "WHERE i.id IS NULL"
-    ).fetchall():
+    for ino in index.xattr_owners_missing():
         add(
             Problem(
                 "xattrs",
@@ -279,11 +253,7 @@ def _check_namespace(index: Index, content: ContentStore, report: Report) -> Non
             )
         )
 
-    for entry_id, parent, child in db.execute(
-        "SELECT e.id, e.parent, e.inode FROM entries e "
-        "LEFT JOIN inodes p ON p.id = e.parent LEFT JOIN inodes c ON c.id = e.inode "
-        f"WHERE p.id IS NULL OR c.id IS NULL OR (p.mode & {_S_IFMT}) != {stat.S_IFDIR}"
-    ).fetchall():
+    for entry_id, parent, child in index.dangling_names():
         add(
             Problem(
                 "tree",
@@ -303,9 +273,9 @@ def _fix_refcount(
         unused = actual == 0 and digest != EMPTY_DIGEST
         with index.transaction():
             if unused:
-                index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+                index.delete_object_row(digest)
             else:
-                index.db.execute("UPDATE objects SET refcount=? WHERE hash=?", (actual, digest))
+                index.set_refcount(digest, actual)
         if unused:
             content.delete(digest)  # after the commit: its row is gone, so is the file
 
@@ -321,13 +291,7 @@ def _drop_object(index: Index, content: ContentStore, digest: bytes) -> Callable
             for entry_id in index.entries_using(digest):
                 unused += index.evict_entry(entry_id, lambda _ino: False).unused_objects
             # Files in no entry (or unlinked ones) go one by one.
-            for (ino,) in index.db.execute(
-                "SELECT id FROM inodes WHERE object=?", (digest,)
-            ).fetchall():
-                index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
-                index.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
-                index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
-            index.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+            index.remove_object(digest)
         for other in unused:
             content.delete(other)
         content.delete(digest)
@@ -347,11 +311,7 @@ def _restore_empty_row(index: Index, content: ContentStore, count: int) -> Calla
     def repair() -> None:
         content.ensure_empty_object()  # file first, then the row
         with index.transaction():
-            index.db.execute(
-                "INSERT INTO objects(hash, size, refcount) VALUES (?, 0, ?) "
-                "ON CONFLICT(hash) DO UPDATE SET refcount=excluded.refcount",
-                (EMPTY_DIGEST, count),
-            )
+            index.restore_empty_object(count)
 
     return repair
 
@@ -359,8 +319,7 @@ def _restore_empty_row(index: Index, content: ContentStore, count: int) -> Calla
 def _remove_inode(index: Index, content: ContentStore, ino: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
-            index.db.execute("UPDATE inodes SET nlink=0 WHERE id=?", (ino,))
+            index.unlink_everywhere(ino)
         unused = index.free_inode(ino)
         if unused is not None:
             content.delete(unused)
@@ -380,7 +339,7 @@ def _free(index: Index, content: ContentStore, ino: int) -> Callable[[], None]:
 def _set_nlink(index: Index, ino: int, nlink: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("UPDATE inodes SET nlink=? WHERE id=?", (nlink, ino))
+            index.set_nlink(ino, nlink)
 
     return repair
 
@@ -396,17 +355,17 @@ def _set_owner_mode(index: Index, node: Inode, uid: int, gid: int, mode: int) ->
 def _set_size(index: Index, ino: int, size: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("UPDATE inodes SET size=? WHERE id=?", (size, ino))
+            index.set_attrs(ino, size=size)
 
     return repair
 
 
 def _place(index: Index, ino: int) -> Callable[[], None]:
     def repair() -> None:
-        row = index.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchone()
-        if row is not None:
+        link = index.link_of(ino)
+        if link is not None:
             with index.transaction():
-                index.place_in_entry(ino, row[0], row[1])
+                index.place_in_entry(ino, *link)
 
     return repair
 
@@ -414,7 +373,7 @@ def _place(index: Index, ino: int) -> Callable[[], None]:
 def _drop_cache_entry(index: Index, entry_id: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+            index.drop_cache_entry(entry_id)
 
     return repair
 
@@ -422,7 +381,7 @@ def _drop_cache_entry(index: Index, entry_id: int) -> Callable[[], None]:
 def _drop_xattrs(index: Index, ino: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+            index.drop_xattrs(ino)
 
     return repair
 
@@ -430,7 +389,7 @@ def _drop_xattrs(index: Index, ino: int) -> Callable[[], None]:
 def _drop_entry(index: Index, entry_id: int) -> Callable[[], None]:
     def repair() -> None:
         with index.transaction():
-            index.db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+            index.drop_name(entry_id)
 
     return repair
 

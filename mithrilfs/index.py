@@ -6,6 +6,10 @@ change several rows do so in one transaction.  Object files are never touched
 here: a method that drops the last reference to an object returns its digest,
 and the caller deletes the file after the commit.
 
+Every SQL statement of mithrilfs is here (the schema migration keeps its
+own, in `Index._migrate`); other modules call named methods.  `IndexReader`
+holds the read-only queries, for connections of their own.
+
 Inode 1 is the store's super-root.  It is never shown through a mount; its
 entries are the device-class directories (``cuda-sm90``, ``cpu-x86_64-avx2``,
 ...), and a mount serves one of them as its root.
@@ -23,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mithrilfs.errors import FsError, UserError, not_found
-from mithrilfs.layouts import USERS_DIR, entry_rule, is_transient, split_tree
+from mithrilfs.layouts import (
+    TRITON_TMP_PREFIX,
+    USERS_DIR,
+    EntryKey,
+    entry_rule,
+    is_transient,
+    split_tree,
+)
 from mithrilfs.store import DEFAULT_BLOCK, EMPTY_DIGEST
 
 SCHEMA_VERSION = 3
@@ -79,7 +90,8 @@ CREATE INDEX IF NOT EXISTS inodes_object ON inodes(object) WHERE object IS NOT N
 CREATE INDEX IF NOT EXISTS inodes_entry ON inodes(entry) WHERE entry IS NOT NULL;
 
 -- Cache entries, the unit of eviction (layouts.py says which files form one).
--- `key` names the entry: b"d<ino>" the directory <ino> and everything in it;
+-- `key` names the entry (layouts.EntryKey encodes and decodes it):
+-- b"d<ino>" the directory <ino> and everything in it;
 -- b"s<parent>/<stem>" the files named <stem>.* in <parent>; b"f<ino>" one file.
 -- A row exists while some linked file refers to it.
 CREATE TABLE IF NOT EXISTS cache_entries (
@@ -179,9 +191,137 @@ class EvictedEntry:
     bytes_freed: int
 
 
-class Index:
-    def __init__(self, db: sqlite3.Connection, block_size: int = DEFAULT_BLOCK) -> None:
+class IndexReader:
+    """The named read-only queries, on any connection to an index.
+
+    `Index` has them all; a thread or a process that must not share the
+    daemon's connection (the per-tree usage for /metrics, `mithrilfs stats`)
+    opens its own with `open_read_only`.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+
+    @classmethod
+    def open_read_only(cls, path: Path) -> IndexReader:
+        """A connection of its own that cannot change the index (waits for writers)."""
+        return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _column(self, sql: str, params: tuple[object, ...] = ()) -> list[int]:
+        """The first column of every row of a query (ids)."""
+        return [row[0] for row in self.db.execute(sql, params)]
+
+    def get_meta(self, key: str, default: object = None) -> object:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def get(self, ino: int) -> Inode:
+        row = self.db.execute(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
+        if row is None:
+            raise not_found()
+        return Inode(*row)
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        row = self.db.execute(
+            f"SELECT {_prefixed('i')} FROM entries e JOIN inodes i ON i.id = e.inode "
+            "WHERE e.parent=? AND e.name=?",
+            (parent, name),
+        ).fetchone()
+        return Inode(*row) if row else None
+
+    def names_in(self, directory: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every name in *directory*, by name."""
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (directory,)
+        ).fetchall()
+        return rows
+
+    def names_with_prefix(
+        self, directory: int, prefix: bytes, limit: int = -1
+    ) -> list[tuple[bytes, int]]:
+        """(name, inode) of the names in *directory* that start with *prefix*, by name.
+
+        A range on the (parent, name) index, so the cost is the names returned.
+        """
+        if not prefix or prefix[-1] == 0xFF:
+            raise ValueError(f"no range of names for the prefix {prefix!r}")
+        after = prefix[:-1] + bytes([prefix[-1] + 1])
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=? AND name >= ? AND name < ? "
+            "ORDER BY name LIMIT ?",
+            (directory, prefix, after, limit),
+        ).fetchall()
+        return rows
+
+    def class_roots(self) -> list[tuple[bytes, int]]:
+        """(name, inode) of every device-class tree, by name."""
+        return self.names_in(SUPER_ROOT)
+
+    def private_roots(self, class_root: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every private tree root under *class_root*."""
+        users = self.lookup(class_root, USERS_DIR)
+        if users is None:
+            return []
+        rows: list[tuple[bytes, int]] = self.db.execute(
+            "SELECT name, inode FROM entries WHERE parent=?", (users.id,)
+        ).fetchall()
+        return rows
+
+    def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
+        """(parent, name, inode, cache entry) of every name in the tree under *root*."""
+        rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(
+            _names_below("parent=?") + "SELECT t.parent, t.name, t.inode, i.entry FROM tree t "
+            "JOIN inodes i ON i.id = t.inode",
+            (root,),
+        ).fetchall()
+        return rows
+
+    def file_usage(self, directory: int) -> tuple[int, int, int]:
+        """(files, the sum of their sizes, cache entries) below *directory*.
+
+        A hard-linked file counts once, as du counts it.
+        """
+        row: tuple[int, int, int] = self.db.execute(
+            _names_below("parent=?")
+            + "SELECT count(*), coalesce(sum(i.size), 0), count(DISTINCT i.entry) "
+            + _FILES_IN_TREE,
+            (directory,),
+        ).fetchone()
+        return row
+
+    def object_usage(self, directory: int) -> tuple[int, int]:
+        """(distinct objects, the sum of their sizes) used by the files below *directory*."""
+        row: tuple[int, int] = self.db.execute(
+            _names_below("parent=?")
+            + "SELECT count(*), coalesce(sum(o.size), 0) FROM objects o "
+            + f"WHERE o.hash IN (SELECT i.object {_FILES_IN_TREE})",
+            (directory,),
+        ).fetchone()
+        return row
+
+    # -- counters and gauges saved by the daemon (stats.py) ---------------------
+
+    def load_counters(self) -> list[tuple[str, str, int]]:
+        return self.db.execute("SELECT name, labels, value FROM counters").fetchall()
+
+    def saved_gauges(self) -> list[tuple[str, object]]:
+        """(gauge, value) as the daemon last saved them."""
+        return [
+            (key.removeprefix(_GAUGE_PREFIX), value)
+            for key, value in self.db.execute(
+                "SELECT key, value FROM meta WHERE key LIKE ?", (_GAUGE_PREFIX + "%",)
+            )
+        ]
+
+
+class Index(IndexReader):
+    """The index as the daemon (or an offline command) changes it."""
+
+    def __init__(self, db: sqlite3.Connection, block_size: int = DEFAULT_BLOCK) -> None:
+        super().__init__(db)
         # Objects take whole blocks of the backing filesystem; the cap counts
         # what they take (allocated_bytes), not what they hold.
         self.block_size = block_size
@@ -378,10 +518,6 @@ class Index:
 
     # -- metadata ---------------------------------------------------------
 
-    def get_meta(self, key: str, default: object = None) -> object:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else default
-
     def set_meta(self, key: str, value: object) -> None:
         self.db.execute(
             "INSERT INTO meta(key, value) VALUES (?, ?) "
@@ -390,20 +526,6 @@ class Index:
         )
 
     # -- reading ----------------------------------------------------------
-
-    def get(self, ino: int) -> Inode:
-        row = self.db.execute(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?", (ino,)).fetchone()
-        if row is None:
-            raise not_found()
-        return Inode(*row)
-
-    def lookup(self, parent: int, name: bytes) -> Inode | None:
-        row = self.db.execute(
-            f"SELECT {_prefixed('i')} FROM entries e JOIN inodes i ON i.id = e.inode "
-            "WHERE e.parent=? AND e.name=?",
-            (parent, name),
-        ).fetchone()
-        return Inode(*row) if row else None
 
     def readdir(self, parent: int, after: int, limit: int) -> list[tuple[int, bytes, Inode]]:
         rows = self.db.execute(
@@ -432,7 +554,7 @@ class Index:
         return row[0] if row else None
 
     def unlinked_inodes(self) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
+        return self._column("SELECT id FROM inodes WHERE nlink=0")
 
     def object_size(self, digest: bytes) -> int | None:
         row = self.db.execute("SELECT size FROM objects WHERE hash=?", (digest,)).fetchone()
@@ -628,11 +750,10 @@ class Index:
         """A directory may not be moved into itself or its own subtree (EINVAL)."""
         if not moved.is_dir:
             return
-        ino: int | None = new_parent
-        while ino is not None and ino != SUPER_ROOT:
-            if ino == moved.id:
-                raise FsError(errno.EINVAL)
-            ino = self.parent_of(ino)
+        if new_parent == moved.id or any(
+            parent == moved.id for _ino, parent, _name in self._links_up(new_parent)
+        ):
+            raise FsError(errno.EINVAL)
 
     def _require_linked(self, directory: int) -> None:
         """ENOENT for a directory that is gone (evicted while the kernel still had it).
@@ -744,7 +865,7 @@ class Index:
 
     def _delete_inode(self, ino: int, digest: bytes | None, size: int) -> bytes | None:
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
-        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.drop_xattrs(ino)
         if digest is None:
             return None
         self.logical_bytes -= size
@@ -823,37 +944,52 @@ class Index:
 
     # -- cache entries: placement, recency, eviction -------------------------
 
-    def _path_to(self, directory: int) -> tuple[list[bytes], list[int]]:
-        """Names and inodes from the class root (exclusive) down to *directory*."""
+    def _links_up(self, ino: int) -> Iterator[tuple[int, int, bytes]]:
+        """(inode, parent, name) from *ino* up to the link into the super-root.
+
+        The one upward walk: it stops early at an inode without a name (a
+        detached directory).  A directory has one name; a hard-linked file
+        is walked up through any one of its names.
+        """
+        while True:
+            link = self.link_of(ino)
+            if link is None:
+                return
+            yield ino, *link
+            if link[0] == SUPER_ROOT:
+                return
+            ino = link[0]
+
+    def dir_path(self, directory: int) -> tuple[list[bytes], list[int]]:
+        """Names and inodes from the class root (exclusive) down to *directory*.
+
+        For a detached directory, the part that is still linked.
+        """
         cached = self._dir_paths.get(directory)
         if cached is not None:
             return cached
         names: list[bytes] = []
         inodes: list[int] = []
-        ino = directory
-        while True:
-            row = self.db.execute(
-                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
-            ).fetchone()
-            if row is None or row[0] == SUPER_ROOT:
-                break  # reached the class root (or a detached directory)
-            names.append(row[1])
+        for ino, parent, name in self._links_up(directory):
+            if parent == SUPER_ROOT:
+                break  # *ino* is the class root
+            names.append(name)
             inodes.append(ino)
-            ino = row[0]
         path = (names[::-1], inodes[::-1])
         self._dir_paths[directory] = path
         return path
 
-    def _entry_key(self, ino: int, parent: int, name: bytes) -> tuple[bytes, int]:
-        names, inodes = self._path_to(parent)
+    # The shared tier's code still calls the earlier, private name.
+
+    def _entry_key(self, ino: int, parent: int, name: bytes) -> EntryKey:
+        names, inodes = self.dir_path(parent)
         offset, _tree = split_tree([*names, name])
         rule = entry_rule([*names[offset:], name])
         if rule.depth is not None:
-            root = inodes[offset + rule.depth - 1]
-            return b"d%d" % root, root
+            return EntryKey("dir", inodes[offset + rule.depth - 1])
         if rule.stem is not None:
-            return b"s%d/" % parent + rule.stem, parent
-        return b"f%d" % ino, ino
+            return EntryKey("stem", parent, rule.stem)
+        return EntryKey("file", ino)
 
     # -- trees: the shared tree and the private ones (docs/security.md) ------
 
@@ -863,27 +999,14 @@ class Index:
         The tree is `layouts.SHARED_TREE`, a user's tree name, or
         `layouts.USERS_TREE` for the `users` directory itself.
         """
-        names, _inodes = self._path_to(directory)
+        names, _inodes = self.dir_path(directory)
         offset, tree = split_tree(names)
         return tree, names[offset:]
-
-    def path_to(self, directory: int) -> tuple[list[bytes], list[int]]:
-        """Names and inodes from the class root (exclusive) down to *directory*;
-        both empty for the class root itself or a detached directory."""
-        return self._path_to(directory)
 
     def links_of(self, ino: int) -> list[tuple[int, bytes]]:
         """(parent, name) of every name of *ino* (a hard-linked file has several)."""
         rows: list[tuple[int, bytes]] = self.db.execute(
             "SELECT parent, name FROM entries WHERE inode=? ORDER BY id", (ino,)
-        ).fetchall()
-        return rows
-
-    def names_with_stem(self, parent: int, stem: bytes) -> list[tuple[bytes, int]]:
-        """(name, inode) of the names ``<stem>.*`` in directory *parent*, sorted."""
-        rows: list[tuple[bytes, int]] = self.db.execute(
-            "SELECT name, inode FROM entries WHERE parent=? AND name>=? AND name<? ORDER BY name",
-            (parent, stem + b".", stem + b"/"),
         ).fetchall()
         return rows
 
@@ -896,16 +1019,6 @@ class Index:
                 return None
             start = node.id
         return node
-
-    def private_roots(self, class_root: int) -> list[tuple[bytes, int]]:
-        """(name, inode) of every private tree root under *class_root*."""
-        users = self.lookup(class_root, USERS_DIR)
-        if users is None:
-            return []
-        rows: list[tuple[bytes, int]] = self.db.execute(
-            "SELECT name, inode FROM entries WHERE parent=?", (users.id,)
-        ).fetchall()
-        return rows
 
     def clone(
         self,
@@ -945,12 +1058,12 @@ class Index:
         # Placing a file is a use of its entry: an entry being assembled
         # (Triton writes its artifacts one by one, the group file last) is
         # among the most recent ones, never the next victim.
-        key, root = self._entry_key(ino, parent, name)
+        key = self._entry_key(ino, parent, name)
         row = self.db.execute(
             "INSERT INTO cache_entries(key, root, last_read) VALUES (?,?,?) "
             "ON CONFLICT(key) DO UPDATE SET last_read=max(last_read, excluded.last_read) "
             "RETURNING id",
-            (key, root, now_ns),
+            (key.encode(), key.root, now_ns),
         ).fetchone()
         entry_id: int = row[0]
         self.db.execute("UPDATE inodes SET entry=? WHERE id=?", (entry_id, ino))
@@ -986,7 +1099,11 @@ class Index:
             self.db.execute("SELECT 1 FROM inodes WHERE entry=? LIMIT 1", (entry_id,)).fetchone()
             is None
         ):
-            self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+            self.drop_cache_entry(entry_id)
+
+    def drop_cache_entry(self, entry_id: int) -> None:
+        """Delete a cache entry's row (its files keep pointing at it: callers see to them)."""
+        self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
 
     def _migrate_recency_to_ns(self) -> None:
         """Stores made before recency had nanosecond resolution kept seconds."""
@@ -1037,38 +1154,17 @@ class Index:
         ).fetchall()
         return rows
 
-    def entry_table(self) -> dict[int, tuple[bytes, int, int]]:
+    def entry_table(self) -> dict[int, tuple[EntryKey, int, int]]:
         """id -> (key, root, last_read) of every cache entry (selection by path)."""
         return {
-            row[0]: (row[1], row[2], row[3])
+            row[0]: (EntryKey.decode(row[1]), row[2], row[3])
             for row in self.db.execute("SELECT id, key, root, last_read FROM cache_entries")
         }
 
-    def class_roots(self) -> list[tuple[bytes, int]]:
-        """(name, inode) of every device-class tree, by name."""
-        rows: list[tuple[bytes, int]] = self.db.execute(
-            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (SUPER_ROOT,)
-        ).fetchall()
-        return rows
-
-    # -- offline export (transfer/exporting.py) -------------------------------
-
-    def children_by_name(self, parent: int) -> list[tuple[bytes, int]]:
-        """(name, inode) of every entry of *parent*, names in byte order (an export's
-        member order, which makes exports of the same tree identical)."""
-        rows: list[tuple[bytes, int]] = self.db.execute(
-            "SELECT name, inode FROM entries WHERE parent=? ORDER BY name", (parent,)
-        ).fetchall()
-        return rows
-
-    def names_below(self, root: int) -> list[tuple[int, bytes, int, int | None]]:
-        """(parent, name, inode, cache entry) of every name in the tree under *root*."""
-        rows: list[tuple[int, bytes, int, int | None]] = self.db.execute(
-            _names_below("parent=?") + "SELECT t.parent, t.name, t.inode, i.entry FROM tree t "
-            "JOIN inodes i ON i.id = t.inode",
-            (root,),
-        ).fetchall()
-        return rows
+    def entry_key(self, entry_id: int) -> EntryKey | None:
+        """The key of cache entry *entry_id*, None when there is no such entry."""
+        row = self.db.execute("SELECT key FROM cache_entries WHERE id=?", (entry_id,)).fetchone()
+        return None if row is None else EntryKey.decode(row[0])
 
     def entry_location(self, entry_id: int) -> tuple[bytes, bytes] | None:
         """(device class, path below the class root) that names an entry, for people.
@@ -1076,20 +1172,12 @@ class Index:
         A directory entry is its directory's path, a stem entry ``dir/stem.*``
         and a single file its own path.
         """
-        row = self.db.execute(
-            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
-        ).fetchone()
-        if row is None:
+        key = self.entry_key(entry_id)
+        if key is None:
             return None
-        key, root = row
-        if key.startswith(b"d"):
-            directory, leaf = root, b""
-        elif key.startswith(b"s"):
-            directory, leaf = root, key.split(b"/", 1)[1] + b".*"
-        else:
-            link = self.db.execute(
-                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (root,)
-            ).fetchone()
+        directory, leaf = key.root, key.leaf
+        if key.kind == "file":
+            link = self.link_of(key.root)
             if link is None:
                 return None
             directory, leaf = link
@@ -1107,17 +1195,11 @@ class Index:
     def _climb(self, directory: int) -> tuple[bytes, list[bytes]] | None:
         """(device class, names from the class root down to *directory*), None if detached."""
         names: list[bytes] = []
-        ino = directory
-        while True:
-            link = self.db.execute(
-                "SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,)
-            ).fetchone()
-            if link is None:
-                return None
-            if link[0] == SUPER_ROOT:
-                return link[1], names[::-1]
-            names.append(link[1])
-            ino = link[0]
+        for _ino, parent, name in self._links_up(directory):
+            if parent == SUPER_ROOT:
+                return name, names[::-1]
+            names.append(name)
+        return None
 
     def entry_content(self, entry_id: int) -> list[tuple[bytes, int, int, int]]:
         """(object, size, refcount, files of this entry using it) for each object of an entry.
@@ -1140,18 +1222,10 @@ class Index:
         key directory between its makedirs and its open would fail the
         compile with ENOENT.  Such a directory's presence marks the entry busy.
         """
-        row = self.db.execute(
-            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
-        ).fetchone()
-        if row is None or not row[0].startswith(b"d"):
+        key = self.entry_key(entry_id)
+        if key is None or key.kind != "dir":
             return False
-        return (
-            self.db.execute(
-                "SELECT 1 FROM entries WHERE parent=? AND name >= ? AND name < ? LIMIT 1",
-                (row[1], b"tmp.", b"tmp/"),
-            ).fetchone()
-            is not None
-        )
+        return bool(self.names_with_prefix(key.root, TRITON_TMP_PREFIX, limit=1))
 
     def entry_objects(self, entry_id: int) -> list[tuple[int, bytes]]:
         """(inode, object digest) of every file in a cache entry."""
@@ -1161,17 +1235,12 @@ class Index:
 
     def entries_using(self, digest: bytes) -> list[int]:
         """The cache entries with a linked file whose content is *digest*."""
-        return [
-            row[0]
-            for row in self.db.execute(
-                "SELECT DISTINCT entry FROM inodes WHERE object=? AND entry IS NOT NULL", (digest,)
-            )
-        ]
+        return self._column(
+            "SELECT DISTINCT entry FROM inodes WHERE object=? AND entry IS NOT NULL", (digest,)
+        )
 
     def entry_files(self, entry_id: int) -> list[int]:
-        return [
-            row[0] for row in self.db.execute("SELECT id FROM inodes WHERE entry=?", (entry_id,))
-        ]
+        return self._column("SELECT id FROM inodes WHERE entry=?", (entry_id,))
 
     def evict_entry(self, entry_id: int, held: Callable[[int], bool]) -> EvictedEntry:
         """Remove a cache entry whole, in one transaction.
@@ -1184,21 +1253,18 @@ class Index:
         first, so the caller can invalidate them deepest first.  The cost is
         that of the rows removed (indexed), whatever the size of the store.
         """
-        row = self.db.execute(
-            "SELECT key, root FROM cache_entries WHERE id=?", (entry_id,)
-        ).fetchone()
+        key = self.entry_key(entry_id)
         result = EvictedEntry([], [], [], 0)
-        if row is None:
+        if key is None:
             return result
-        key, root = row
         others: set[int] = set()
         with self.transaction():
-            if key.startswith(b"d"):
+            if key.kind == "dir":
                 names = self.db.execute(
                     _names_below("inode=?") + "SELECT parent, name, inode FROM tree",
-                    (root,),
+                    (key.root,),
                 ).fetchall()
-                top_parent = self.parent_of(root)
+                top_parent = self.parent_of(key.root)
                 if top_parent is not None:
                     self._touch_dir(top_parent, time.time_ns(), nlink_delta=-1)
             else:
@@ -1212,7 +1278,7 @@ class Index:
                 names = [
                     (parent, name, ino)
                     for parent, name, ino in names
-                    if self._entry_key(ino, parent, name)[0] == key
+                    if self._entry_key(ino, parent, name) == key
                 ]
             removed: dict[int, int] = {}
             for parent, name, ino in names:
@@ -1252,7 +1318,7 @@ class Index:
                 if unused is not None:
                     result.unused_objects.append(unused)
                     result.bytes_freed += before - self.stored_bytes
-            self.db.execute("DELETE FROM cache_entries WHERE id=?", (entry_id,))
+            self.drop_cache_entry(entry_id)
             for other in others:
                 self._drop_cache_entry_if_empty(other)
         return result
@@ -1324,10 +1390,107 @@ class Index:
             for name, value in progress.items():
                 self.set_meta(f"scrub.{name}", value)
 
-    # -- counters ---------------------------------------------------------
+    # -- the invariant checker's queries and repairs (fsck.py) -------------------
+    # The repairs change rows as they are told, without keeping the running
+    # totals current: fsck runs with no daemon, and the next open recounts.
 
-    def load_counters(self) -> list[tuple[str, str, int]]:
-        return self.db.execute("SELECT name, labels, value FROM counters").fetchall()
+    def object_references(self) -> dict[bytes, int]:
+        """Object digest -> how many inodes refer to it."""
+        return dict(
+            self.db.execute(
+                "SELECT object, count(*) FROM inodes WHERE object IS NOT NULL GROUP BY object"
+            )
+        )
+
+    def object_rows(self) -> list[tuple[bytes, int, int]]:
+        """(digest, size, refcount) of every object row."""
+        return self.db.execute("SELECT hash, size, refcount FROM objects").fetchall()
+
+    def unplaced_files(self) -> list[int]:
+        """Linked regular files whose cache entry does not exist."""
+        return self._column(
+            "SELECT i.id FROM inodes i LEFT JOIN cache_entries c ON c.id = i.entry "
+            f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG} AND i.nlink > 0 AND c.id IS NULL"
+        )
+
+    def empty_cache_entries(self) -> list[int]:
+        """Cache entries that no inode belongs to."""
+        return self._column(
+            "SELECT c.id FROM cache_entries c WHERE NOT EXISTS "
+            "(SELECT 1 FROM inodes i WHERE i.entry = c.id)"
+        )
+
+    def names_per_inode(self) -> dict[int, int]:
+        """Inode -> how many names it has."""
+        return dict(self.db.execute("SELECT inode, count(*) FROM entries GROUP BY inode"))
+
+    def subdirs_per_dir(self) -> dict[int, int]:
+        """Directory -> how many directories it holds."""
+        return dict(
+            self.db.execute(
+                "SELECT e.parent, count(*) FROM entries e JOIN inodes i ON i.id = e.inode "
+                f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFDIR} GROUP BY e.parent"
+            )
+        )
+
+    def inode_summaries(self) -> list[tuple[int, int, int, int, bytes | None]]:
+        """(inode, mode, nlink, size, object) of every inode."""
+        return self.db.execute("SELECT id, mode, nlink, size, object FROM inodes").fetchall()
+
+    def xattr_owners_missing(self) -> list[int]:
+        """Inode numbers that have extended attributes but no inode row."""
+        return self._column(
+            "SELECT DISTINCT x.inode FROM xattrs x LEFT JOIN inodes i ON i.id = x.inode "
+            "WHERE i.id IS NULL"
+        )
+
+    def dangling_names(self) -> list[tuple[int, int, int]]:
+        """(name id, parent, inode) of names whose parent is not a directory or whose
+        parent or inode does not exist."""
+        return self.db.execute(
+            "SELECT e.id, e.parent, e.inode FROM entries e "
+            "LEFT JOIN inodes p ON p.id = e.parent LEFT JOIN inodes c ON c.id = e.inode "
+            f"WHERE p.id IS NULL OR c.id IS NULL OR (p.mode & {_S_IFMT}) != {stat.S_IFDIR}"
+        ).fetchall()
+
+    def set_refcount(self, digest: bytes, refcount: int) -> None:
+        self.db.execute("UPDATE objects SET refcount=? WHERE hash=?", (refcount, digest))
+
+    def delete_object_row(self, digest: bytes) -> None:
+        self.db.execute("DELETE FROM objects WHERE hash=?", (digest,))
+
+    def remove_object(self, digest: bytes) -> None:
+        """Delete the object row and every inode still using it, with their names."""
+        for (ino,) in self.db.execute("SELECT id FROM inodes WHERE object=?", (digest,)).fetchall():
+            self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
+            self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+            self.drop_xattrs(ino)
+        self.delete_object_row(digest)
+
+    def restore_empty_object(self, refcount: int) -> None:
+        """The empty object's row, with *refcount* (its file exists)."""
+        self.db.execute(
+            "INSERT INTO objects(hash, size, refcount) VALUES (?, 0, ?) "
+            "ON CONFLICT(hash) DO UPDATE SET refcount=excluded.refcount",
+            (EMPTY_DIGEST, refcount),
+        )
+
+    def unlink_everywhere(self, ino: int) -> None:
+        """Remove every name of *ino* and mark it unlinked (free_inode deletes it)."""
+        self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
+        self.db.execute("UPDATE inodes SET nlink=0 WHERE id=?", (ino,))
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        self.db.execute("UPDATE inodes SET nlink=? WHERE id=?", (nlink, ino))
+
+    def drop_xattrs(self, ino: int) -> None:
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+
+    def drop_name(self, name_id: int) -> None:
+        """Delete one directory entry by its row id (a dangling name)."""
+        self.db.execute("DELETE FROM entries WHERE id=?", (name_id,))
+
+    # -- counters ---------------------------------------------------------
 
     def save_counters(self, rows: Iterable[tuple[str, str, int]], gauges: dict[str, int]) -> None:
         with self.transaction():
@@ -1337,10 +1500,16 @@ class Index:
                 list(rows),
             )
             for name, value in gauges.items():
-                self.set_meta(f"gauge.{name}", value)
+                self.set_meta(_GAUGE_PREFIX + name, value)
 
 
 _S_IFMT = 0o170000
+_GAUGE_PREFIX = "gauge."
+# The regular files among the inodes of a `tree` (see _names_below).
+_FILES_IN_TREE = (
+    "FROM (SELECT DISTINCT inode FROM tree) t JOIN inodes i ON i.id = t.inode "
+    f"WHERE (i.mode & {_S_IFMT}) = {stat.S_IFREG}"
+)
 # Recency is kept in unix nanoseconds; anything below this (1970-01-02 in ns)
 # is a value from the days of whole seconds.
 _NS_FLOOR = 10**14

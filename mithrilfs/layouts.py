@@ -25,9 +25,20 @@ private tree is keyed and evicted exactly like its shared counterpart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Literal
 
 LAYOUT_ROOTS = ("triton", "inductor")
+TRITON_ROOT = b"triton"
+INDUCTOR_ROOT = b"inductor"
+# Inductor's own Triton directory (inductor/triton/<device>/<key>/).
+INDUCTOR_TRITON = (INDUCTOR_ROOT, b"triton")
+# Triton publishes every file of a kernel through a ``tmp.pid_*`` directory
+# inside the key directory, and writes the ``__grp__<name>.json`` group file
+# last: an entry without it is unfinished.
+TRITON_TMP_PREFIX = b"tmp."
+TRITON_GROUP_PREFIX = b"__grp__"
 OTHER_LAYOUT = "other"
 # The directory below the mount root that holds one private tree per user.
 USERS_DIR = b"users"
@@ -63,9 +74,9 @@ def layout_of(top: bytes) -> str:
 
 def entry_rule(parts: list[bytes]) -> EntryRule:
     """The entry that the file at *parts* (components from the mount root) belongs to."""
-    if len(parts) >= 3 and parts[0] == b"triton":
+    if len(parts) >= 3 and parts[0] == TRITON_ROOT:
         return EntryRule(depth=2)
-    if len(parts) < 3 or parts[0] != b"inductor":
+    if len(parts) < 3 or parts[0] != INDUCTOR_ROOT:
         return SINGLE_FILE
     section = parts[1]
     if section == b"triton" and len(parts) >= 5:
@@ -104,7 +115,7 @@ def is_transient(name: bytes) -> bool:
     Triton publishes each file through a ``tmp.pid_*`` directory; inductor
     writes ``*.tmp`` files (and dotfiles) and renames them into place.
     """
-    return name.startswith((b"tmp.", b".")) or name.endswith(b".tmp")
+    return name.startswith((TRITON_TMP_PREFIX, b".")) or name.endswith(b".tmp")
 
 
 def is_entry_root(parts: list[bytes]) -> bool:
@@ -119,10 +130,61 @@ def is_in_entry(parts: list[bytes]) -> bool:
     return rule.depth is not None and rule.depth <= len(parts)
 
 
-# -- what the shared tier needs to know (mithrilfs/remote/) ---------------------------
+def is_triton_entry(path: tuple[bytes, ...] | list[bytes]) -> bool:
+    """Whether the entry directory at *path* (from a tree's root) is a Triton kernel."""
+    return tuple(path[:1]) == (TRITON_ROOT,) or tuple(path[:2]) == INDUCTOR_TRITON
 
-# Triton writes a kernel's group file last: a Triton entry without one is unfinished.
-TRITON_GROUP_PREFIX = b"__grp__"
+
+def is_group_file(name: bytes) -> bool:
+    """Triton's ``__grp__<name>.json``, the last file of a kernel to appear."""
+    return name.startswith(TRITON_GROUP_PREFIX)
+
+
+EntryKind = Literal["dir", "stem", "file"]
+_PREFIX_KIND: dict[bytes, EntryKind] = {b"d": "dir", b"s": "stem", b"f": "file"}
+_KIND_PREFIX = {kind: prefix for prefix, kind in _PREFIX_KIND.items()}
+
+
+@dataclass(frozen=True)
+class EntryKey:
+    """The name of one cache entry, as `cache_entries.key` stores it.
+
+    ``dir``: the directory inode *root* and everything in it (``d<root>``);
+    ``stem``: the files named ``<stem>.*`` in directory *root*
+    (``s<root>/<stem>``); ``file``: the file inode *root* alone (``f<root>``).
+    """
+
+    kind: EntryKind
+    root: int
+    stem: bytes = b""
+
+    def encode(self) -> bytes:
+        text = _KIND_PREFIX[self.kind] + b"%d" % self.root
+        return text + b"/" + self.stem if self.kind == "stem" else text
+
+    @classmethod
+    def decode(cls, key: bytes) -> EntryKey:
+        """The key stored as *key*; ValueError for anything `encode` never wrote."""
+        kind = _PREFIX_KIND.get(key[:1])
+        number, slash, stem = key[1:].partition(b"/")
+        if kind is None or not number.isdigit() or (kind == "stem") != bool(slash and stem):
+            raise ValueError(f"not a cache entry key: {key!r}")
+        return cls(kind, int(number), stem)
+
+    @property
+    def leaf(self) -> bytes:
+        """What names the entry inside its directory: ``<stem>.*`` for a stem entry, else b""."""
+        return self.stem + b".*" if self.kind == "stem" else b""
+
+    def describe(self, directory: str) -> str:
+        """The entry as people read it, given the path of its directory (or its file)."""
+        if self.kind != "stem":
+            return directory
+        leaf = os.fsdecode(self.leaf)
+        return f"{directory}/{leaf}" if directory else leaf
+
+
+# -- what the shared tier needs to know (mithrilfs/remote/) ---------------------------
 
 
 def is_scratch(name: bytes) -> bool:
@@ -131,14 +193,9 @@ def is_scratch(name: bytes) -> bool:
     return name.startswith((b".", b"tmp")) or name.endswith(b".lock")
 
 
-def is_triton_entry(path: tuple[bytes, ...]) -> bool:
-    """Whether the entry at *path* (from a tree's root) is a Triton kernel directory."""
-    return path[:1] == (b"triton",) or path[:2] == (b"inductor", b"triton")
-
-
 def is_triton_complete(names: list[bytes]) -> bool:
     """Whether a Triton entry whose top-level file names are *names* has its group file."""
-    return any(name.startswith(TRITON_GROUP_PREFIX) for name in names)
+    return any(is_group_file(name) for name in names)
 
 
 @dataclass(frozen=True)

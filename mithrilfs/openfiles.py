@@ -203,9 +203,6 @@ class OpenFiles:
         """A corrupt object: never take it for intact again in this mount."""
         self._verified.discard(digest)
 
-    def open_count(self) -> int:
-        return len(self._handles)
-
     # -- open and close -----------------------------------------------------
 
     def staged_bytes(self) -> int:

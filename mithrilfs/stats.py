@@ -14,14 +14,14 @@ Counters survive a remount because they are loaded back from the index.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mithrilfs.layouts import MARKER_KINDS, SHARED_TREE, USERS_DIR
+from mithrilfs.index import IndexReader
+from mithrilfs.layouts import MARKER_KINDS, SHARED_TREE
 from mithrilfs.units import format_size
 
 # name -> (help text, label names).  Names follow Prometheus conventions;
@@ -136,17 +136,7 @@ class Snapshot:
     tree_usage: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-# Files below a directory, through the whole subtree.
-_SUBTREE_USAGE = (
-    # UNION, not UNION ALL: a hard-linked file counts once, as du counts it.
-    "WITH RECURSIVE tree(id) AS (SELECT ? UNION "
-    "  SELECT e.inode FROM entries e JOIN tree t ON e.parent = t.id) "
-    "SELECT coalesce(sum(i.size), 0), count(*) FROM tree JOIN inodes i ON i.id = tree.id "
-    "WHERE i.object IS NOT NULL"
-)
-
-
-def tree_usage(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+def tree_usage(index: IndexReader) -> dict[str, tuple[int, int]]:
     """(bytes of files, files) per tree, all device classes together.
 
     The shared tree is a class root minus its `users/`; each private tree is
@@ -159,48 +149,39 @@ def tree_usage(db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
         size, files = usage.get(tree, (0, 0))
         usage[tree] = (size + found[0], files + found[1])
 
-    for (class_root,) in db.execute("SELECT inode FROM entries WHERE parent=1").fetchall():
-        whole = db.execute(_SUBTREE_USAGE, (class_root,)).fetchone()
+    def files_below(directory: int) -> tuple[int, int]:
+        files, size, _entries = index.file_usage(directory)
+        return size, files
+
+    for _class_name, class_root in index.class_roots():
+        whole = files_below(class_root)
         private = (0, 0)
-        users = db.execute(
-            "SELECT inode FROM entries WHERE parent=? AND name=?", (class_root, USERS_DIR)
-        ).fetchone()
-        if users is not None:
-            for name, root in db.execute(
-                "SELECT name, inode FROM entries WHERE parent=?", (users[0],)
-            ).fetchall():
-                found = db.execute(_SUBTREE_USAGE, (root,)).fetchone()
-                add(name.decode(errors="replace"), found)
-                private = (private[0] + found[0], private[1] + found[1])
+        for name, root in index.private_roots(class_root):
+            found = files_below(root)
+            add(name.decode(errors="replace"), found)
+            private = (private[0] + found[0], private[1] + found[1])
         add(SHARED_TREE, (whole[0] - private[0], whole[1] - private[1]))
     return usage
 
 
 def read_tree_usage(index_path: Path) -> dict[str, tuple[int, int]]:
     """`tree_usage` through a connection of its own (the daemon calls it in a thread)."""
-    db = _read_only(index_path)
+    index = IndexReader.open_read_only(index_path)
     try:
-        return tree_usage(db)
+        return tree_usage(index)
     finally:
-        db.close()
-
-
-def _read_only(index_path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=10)
+        index.close()
 
 
 def read_saved(index_path: Path) -> Snapshot:
     """The counters and gauges a daemon last saved, read without disturbing it."""
-    db = _read_only(index_path)
+    index = IndexReader.open_read_only(index_path)
     try:
-        counters = db.execute("SELECT name, labels, value FROM counters").fetchall()
-        gauges = [
-            (key.removeprefix("gauge."), value)
-            for key, value in db.execute("SELECT key, value FROM meta WHERE key LIKE 'gauge.%'")
-        ]
-        usage = tree_usage(db)
+        counters = index.load_counters()
+        gauges = index.saved_gauges()
+        usage = tree_usage(index)
     finally:
-        db.close()
+        index.close()
     return snapshot_of(counters, gauges, usage)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import itertools
 import os
 import time
@@ -377,7 +376,3 @@ def _remove_if_empty(directory: Path) -> bool:
     except OSError:
         return False  # not empty (the usual case), gone, or not ours to remove
     return True
-
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -235,7 +235,7 @@ class Fetcher(TierPart):
 
     def _conflicts(self, parent: int, manifest: Manifest) -> bool:
         if manifest.kind == "stem":
-            return bool(self.index.names_with_stem(parent, manifest.entry[-1]))
+            return bool(self.index.names_with_prefix(parent, manifest.entry[-1] + b".", limit=1))
         return self.index.lookup(parent, manifest.entry[-1]) is not None
 
     def _parent_alive(self, parent: int) -> bool:

@@ -62,7 +62,7 @@ class LocalTree:
         """Names and inodes from the class root to directory *ino*; None if not in this tree."""
         if ino == self.root:
             return (), []
-        names, inodes = self.index.path_to(ino)
+        names, inodes = self.index.dir_path(ino)
         if not inodes:
             return None  # detached
         top = inodes[0]

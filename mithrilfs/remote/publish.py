@@ -256,7 +256,7 @@ class Publisher(TierPart):
 
     def _entry_location(self, parent: int, local: tuple[bytes, ...]) -> Location | None:
         """The entry of the file at *local* (in directory *parent*), if it is publishable."""
-        _names, inodes = self.index.path_to(parent)
+        _names, inodes = self.index.dir_path(parent)
         placed = self.local.place(local, inodes)
         if placed is None:
             return None
@@ -293,7 +293,7 @@ class Publisher(TierPart):
                 return None
         else:
             if location.kind == "stem":
-                names = self.index.names_with_stem(location.base, location.path[-1])
+                names = self.index.names_with_prefix(location.base, location.path[-1] + b".")
             else:
                 found = self.index.lookup(location.base, location.path[-1])
                 names = [(location.path[-1], found.id)] if found is not None else []
@@ -330,7 +330,7 @@ class Publisher(TierPart):
 
     def _public(self, base: int, manifest: Manifest) -> bool:
         """Whether every user of this node can read all of the entry in directory *base*."""
-        _names, inodes = self.index.path_to(base)
+        _names, inodes = self.index.dir_path(base)
         if any(not self.index.get(ino).mode & 0o001 for ino in (self.root, *inodes)):
             return False
         return all(f.mode & 0o004 for f in manifest.files) and all(

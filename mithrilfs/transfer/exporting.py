@@ -124,7 +124,7 @@ def walk_tree(index: Index, root: int) -> Iterator[tuple[tuple[bytes, ...], Inod
     while pending:
         parts, ino = pending.pop()
         # Depth-first, in name order: push in reverse, pop in order.
-        for name, child in reversed(index.children_by_name(ino)):
+        for name, child in reversed(index.names_in(ino)):
             pending.append(((*parts, name), child))
         if parts:
             yield parts, index.get(ino)
