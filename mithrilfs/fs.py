@@ -530,8 +530,9 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
             self.files.set_mtime(ino, attr.st_mtime_ns)
-        if changes or fields.update_size:
-            changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
+        # Every setattr is a change of the inode, even chown(-1, -1): ext4
+        # sets ctime for it (only utimensat with both UTIME_OMIT never comes).
+        changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
         with self.index.transaction():
             self.index.set_attrs(ino, **changes)
         return self._attrs(self.index.get(ino))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import grp
 import json
+import os
 import pwd
 import shutil
 import subprocess
@@ -375,3 +376,27 @@ def test_errno_cases_match_ext4(
         made = as_user(user, "mkdir", str(mounted))
         assert made.returncode == 0, made.stderr
     assert_same(expected, run_sequence(mounted, caller, group))
+
+
+def test_attribute_changes_move_ctime(mount: Mount) -> None:
+    """Each change of an inode's attributes or names sets its ctime to now, UTIME_OMIT none."""
+    path = mount / "triton" / "f"
+    path.write_bytes(b"content")
+    changes = [
+        ("chmod", lambda: os.chmod(path, 0o600)),
+        ("chown", lambda: os.chown(path, 1234, 5678)),
+        ("chown to the same", lambda: os.chown(path, -1, -1)),
+        ("utime", lambda: os.utime(path, ns=(1, 2))),
+        ("utime now", lambda: os.utime(path)),
+        ("truncate", lambda: os.truncate(path, 3)),
+        ("link", lambda: os.link(path, path.with_name("g"))),
+        ("rename", lambda: os.rename(path.with_name("g"), path.with_name("h"))),
+        ("unlink a link", lambda: os.unlink(path.with_name("h"))),
+    ]
+    for what, change in changes:
+        before = os.lstat(path).st_ctime_ns
+        change()
+        assert os.lstat(path).st_ctime_ns > before, what
+    before = os.lstat(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.lstat(path).st_mtime_ns == before.st_mtime_ns
