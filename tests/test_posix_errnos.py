@@ -351,16 +351,20 @@ def _remove_user() -> None:
     subprocess.run(["groupdel", GROUP], capture_output=True, check=False)
 
 
-@pytest.mark.parametrize("as_root", [True, False], ids=["root", "user"])
+@pytest.mark.parametrize("caller", ["root", "user", "user in group"])
 def test_errno_cases_match_ext4(
-    make_mount, public_dir: Path, mtq_user: tuple[pwd.struct_passwd, int], as_root: bool
+    make_mount, public_dir: Path, mtq_user: tuple[pwd.struct_passwd, int], caller: str
 ) -> None:  # type: ignore[no-untyped-def]
+    """As root, as the user, and as the user with the test group as its gid (``sg``)."""
     user, group = mtq_user
-    caller = None if as_root else user
+    as_root = caller == "root"
+    runner = None if as_root else user
+    if caller == "user in group":
+        runner = pwd.struct_passwd((*user[:3], group, *user[4:]))
     native = public_dir / "native"
     native.mkdir()
     try:
-        expected = run_sequence(native, caller, group)
+        expected = run_sequence(native, runner, group)
     finally:
         shutil.rmtree(native)
     # The sequence reaches the rules it is about.
@@ -375,7 +379,7 @@ def test_errno_cases_match_ext4(
         mounted = mount.mountpoint / "users" / USER / "triton" / "work"
         made = as_user(user, "mkdir", str(mounted))
         assert made.returncode == 0, made.stderr
-    assert_same(expected, run_sequence(mounted, caller, group))
+    assert_same(expected, run_sequence(mounted, runner, group))
 
 
 def test_attribute_changes_move_ctime(mount: Mount) -> None:
