@@ -57,6 +57,8 @@ def make(path, mode, owner, gid, kind="file"):
 make("theirs", 0o644, 0, 0)
 make("theirs_writable", 0o666, 0, 0)
 make("their_group", 0o644, uid, 0)
+make("their_setuid", 0o6777, 0, 0)
+make("their_setuid2", 0o6777, 0, 0)
 make("theirdir", 0o755, 0, 0, "dir")
 make("closed", 0o700, 0, 0, "dir")
 make("closed/f", 0o644, 0, 0)
@@ -173,6 +175,9 @@ step("ftruncate dir", lambda: on_fd("dir", os.O_RDONLY, lambda fd: os.ftruncate(
 step("ftruncate closed", lambda: os.ftruncate(9999, 0))
 make("t", 0o6755, b"0123456789")
 step("write setuid", lambda: on_fd("t", os.O_WRONLY, lambda fd: os.write(fd, b"ab")), "t")
+step("write their setuid",
+     lambda: on_fd("their_setuid", os.O_WRONLY, lambda fd: os.write(fd, b"ab")), "their_setuid")
+step("truncate their setuid", lambda: os.truncate("their_setuid2", 5), "their_setuid2")
 
 # link
 path_errors("link", lambda p: os.link(p, "x"))
