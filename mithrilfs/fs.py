@@ -48,6 +48,7 @@ from mithrilfs.layouts import (
     entry_marker,
     layout_of,
 )
+from mithrilfs.permissions import inherit_from, without_privileges
 from mithrilfs.services import Services
 from mithrilfs.trees import BeingWritten
 from mithrilfs.xattrs import INODE_XATTR_BYTES
@@ -310,6 +311,14 @@ class Operations(pyfuse3.Operations):
         self._writable()
         return self.trees.check_change(parent, name, ctx.uid, ctx.gid, ctx.pid)
 
+    def _check_new(
+        self, parent: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[str, int, int, int]:
+        """Like _check_change, for a new node: its tree, mode, uid and gid."""
+        tree, uid, gid = self._check_change(parent, name, ctx)
+        mode, gid = inherit_from(self.index.get(parent), mode, gid)
+        return tree, mode, uid, gid
+
     def _clone_shared(self, parent: int, name: bytes, label: str, tree: str) -> Inode | None:
         """The shared tree's *name* cloned into the private directory *parent*, if it is there."""
         try:
@@ -489,8 +498,9 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
             self.files.set_mtime(ino, attr.st_mtime_ns)
-        if changes or fields.update_size:
-            changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
+        # Every setattr is a change of the inode, even chown(-1, -1): ext4
+        # sets ctime for it (only utimensat with both UTIME_OMIT never comes).
+        changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
         with self.index.transaction():
             self.index.set_attrs(ino, **changes)
         return self._attrs(self.index.get(ino))
@@ -512,7 +522,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         parent = self._ino(parent_inode)
-        tree, uid, gid = self._check_change(parent, name, ctx)
+        tree, mode, uid, gid = self._check_new(parent, name, mode, ctx)
         # FIFOs, sockets and device nodes are metadata only; the kernel has
         # already refused device nodes to callers without CAP_MKNOD, and the
         # mount is nodev, so a device node is never opened as a device.
@@ -530,9 +540,10 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         parent = self._ino(parent_inode)
-        tree, uid, gid = self._check_change(parent, name, ctx)
+        dir_mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        tree, dir_mode, uid, gid = self._check_new(parent, name, dir_mode, ctx)
         with self.index.transaction():
-            node = self.index.make_node(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+            node = self.index.make_node(parent, name, dir_mode, uid, gid)
         self._shared_name_appeared(parent, name)
         return self._remember(node, self._layout_below(parent, name), tree)
 
@@ -545,9 +556,9 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         parent = self._ino(parent_inode)
-        tree, uid, gid = self._check_change(parent, name, ctx)
+        tree, mode, uid, gid = self._check_new(parent, name, stat.S_IFLNK | 0o777, ctx)
         with self.index.transaction():
-            node = self.index.make_node(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+            node = self.index.make_node(parent, name, mode, uid, gid, target=target)
         self._shared_name_appeared(parent, name)
         return self._remember(node, self._layout_below(parent, name), tree)
 
@@ -722,9 +733,10 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._ino(parent_inode)
-        tree, uid, gid = self._check_change(parent, name, ctx)
+        file_mode = stat.S_IFREG | stat.S_IMODE(mode)
+        tree, file_mode, uid, gid = self._check_new(parent, name, file_mode, ctx)
         with self.index.transaction():
-            node = self.index.make_node(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+            node = self.index.make_node(parent, name, file_mode, uid, gid)
         fh = self.files.open(node.id, flags & ~os.O_TRUNC)
         self._shared_name_appeared(parent, name)
         self._note_marker(parent, name, node.id, created=True)
@@ -761,6 +773,9 @@ class Operations(pyfuse3.Operations):
                 # Linux truncates even on a read-only open, and the kernel has
                 # already set its cached size to 0; no writer will seal this one.
                 await self.files.truncate(ino, 0, fh)
+            if flags & os.O_TRUNC and without_privileges(node.mode, ctx.uid) != node.mode:
+                with self.index.transaction():
+                    self.index.set_attrs(ino, mode=without_privileges(node.mode, ctx.uid))
         except BaseException:
             # The caller gets no handle, so none may stay open here.
             self.files.abandon(fh)

@@ -1030,24 +1030,40 @@ class Index(IndexReader):
         *,
         whole: bool,
         skip: Callable[[Inode], bool],
+        copies: dict[int, int] | None = None,
     ) -> Inode:
         """Copy *source* (a node of the shared tree) into *parent* as *name*.
 
         Must run inside a transaction.  A file becomes a new inode that refers
         to the same object (no content is copied); a directory is copied with
         its subtree when *whole*, else empty; a symlink is copied.  Copies
-        belong to *uid*/*gid* and lose the group and other write bits.  Names
-        for which *skip* is true (being written, transient) stay behind.
+        belong to *uid*/*gid* and lose the group and other write bits; they
+        keep the source's extended attributes.  Names for which *skip* is
+        true (being written, transient) stay behind.  Two names of one inode
+        within one clone stay two names of one copy (*copies*: source inode
+        to its copy so far).
         """
+        copies = {} if copies is None else copies
+        if source.id in copies:
+            return self.link(copies[source.id], parent, name)
         mode = (source.mode & ~0o022) if not stat.S_ISLNK(source.mode) else source.mode
         node = self.make_node(parent, name, mode, uid, gid, target=source.target)
+        self.db.execute(
+            "INSERT INTO xattrs(inode, name, value) SELECT ?, name, value FROM xattrs "
+            "WHERE inode=?",
+            (node.id, source.id),
+        )
+        if source.nlink > 1:
+            copies[source.id] = node.id
         if source.is_file and source.object is not None:
             self.set_content(node.id, source.object, source.size, source.mtime_ns)
             node = self.get(node.id)
         if source.is_dir and whole:
             for _entry, child_name, child in self.readdir(source.id, -1, 1 << 62):
                 if not skip(child) and not is_transient(child_name):
-                    self.clone(node.id, child_name, child, uid, gid, whole=True, skip=skip)
+                    self.clone(
+                        node.id, child_name, child, uid, gid, whole=True, skip=skip, copies=copies
+                    )
         return node
 
     def place_in_entry(self, ino: int, parent: int, name: bytes) -> int:

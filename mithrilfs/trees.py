@@ -74,7 +74,8 @@ class Trees:
 
         Returns the tree and the owner (uid, gid) that new nodes there get:
         uid 0 in the shared tree, whoever made them; the tree's owner in a
-        private tree.
+        private tree (with the owner's current group when the owner makes
+        them, the tree's group when root does).
         """
         if parent == self.users or (parent == self.root and name == USERS_DIR):
             raise FsError(errno.EPERM)  # only the daemon makes private trees
@@ -88,7 +89,8 @@ class Trees:
             raise FsError(errno.EPERM)  # a private root's layout is the daemon's
         if uid not in (0, owner.uid):
             raise FsError(errno.EACCES)
-        return tree, owner.uid, owner.gid
+        # The owner's own nodes get its current group (sg, newgrp), as on ext4.
+        return tree, owner.uid, gid if uid == owner.uid else owner.gid
 
     def check_node_change(self, ino: int, uid: int, gid: int, pid: int) -> None:
         """Refuse a change of *ino*'s content or attributes that the caller may not make."""

@@ -4,10 +4,13 @@ A hypothesis state machine applies each operation to a directory in the mount
 and to a native directory side by side, and requires the same outcome from
 both: the same return value (bytes read, bytes written) or the same errno.
 After every step the two trees must agree on every name, type, permission
-bits, link count, size, content and symlink target.  A handful of names is
-reused on purpose, so that creates collide, renames replace files and
-directories, hard links tie names together (and across cache entries), and
-operations hit paths that are missing or of the wrong type.
+bits, link count, size, content, symlink target and user. extended
+attribute.  A handful of names is reused on purpose, so that creates
+collide, renames replace files and directories, hard links tie names
+together (and across cache entries), FIFOs take names files and
+directories wanted, and operations hit paths that are missing or of the
+wrong type.  Every open is O_NONBLOCK (nothing for a file, and a FIFO then
+never waits for its other end); the mount runs with --xattrs.
 
 Each example works in a fresh directory under one of the layouts (a Triton
 key, an inductor code-cache section, an FX graph entry, the mount root), so
@@ -84,6 +87,8 @@ SIZES = st.one_of(st.integers(0, 300), st.integers(0, 400_000))
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MAX_HANDLES = 3
+XATTR_NAMES = st.sampled_from(["user.a", "user.b"])
+XATTR_FLAGS = st.sampled_from([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE])
 
 # The layouts an example's directory may sit in ({n}: the example number).
 LAYOUTS = ["triton/model{n}", "inductor/{n:02x}", "inductor/fxgraph/model{n}", "model{n}"]
@@ -135,8 +140,7 @@ def snapshot(root: str) -> dict[str, tuple[Any, ...]]:
             elif stat.S_ISLNK(st_.st_mode):
                 found[relative] = ("symlink", st_.st_size, os.readlink(path))
             else:
-                with open(path, "rb") as f:
-                    content = f.read()
+                content = b"" if stat.S_ISFIFO(st_.st_mode) else Path(path).read_bytes()
                 found[relative] = (
                     kind,
                     stat.S_IMODE(st_.st_mode),
@@ -144,10 +148,17 @@ def snapshot(root: str) -> dict[str, tuple[Any, ...]]:
                     st_.st_size,
                     len(content),
                     content,
+                    user_xattrs(path),
                 )
 
     visit(root, "")
     return found
+
+
+def user_xattrs(path: str) -> list[tuple[str, bytes]]:
+    # Only user.: a native directory may carry security. names of its own.
+    names = [n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user.")]
+    return sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
 def _short(record: tuple[Any, ...] | None) -> object:
@@ -233,13 +244,33 @@ class FilesystemModel(RuleBasedStateMachine):
     @rule(path=paths, mode=FILE_MODES)
     def create(self, path: str, mode: int) -> None:
         def create(root: str) -> None:
-            os.close(os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NONBLOCK
+            os.close(os.open(os.path.join(root, path), flags, mode))
 
         self.both(f"create {path} {mode:o}", create)
 
     @rule(path=paths, mode=DIR_MODES)
     def mkdir(self, path: str, mode: int) -> None:
         self.both(f"mkdir {path} {mode:o}", lambda root: os.mkdir(os.path.join(root, path), mode))
+
+    @rule(path=paths, mode=FILE_MODES)
+    def mkfifo(self, path: str, mode: int) -> None:
+        self.both(f"mkfifo {path} {mode:o}", lambda root: os.mkfifo(os.path.join(root, path), mode))
+
+    @rule(path=paths, name=XATTR_NAMES, seed=st.integers(0, 2**16), flags=XATTR_FLAGS)
+    def setxattr(self, path: str, name: str, seed: int, flags: int) -> None:
+        value = data_for(seed % 64, seed)
+        self.both(
+            f"setxattr {path} {name} flags={flags}",
+            lambda root: os.setxattr(os.path.join(root, path), name, value, flags),
+        )
+
+    @rule(path=paths, name=XATTR_NAMES)
+    def removexattr(self, path: str, name: str) -> None:
+        self.both(
+            f"removexattr {path} {name}",
+            lambda root: os.removexattr(os.path.join(root, path), name),
+        )
 
     @rule(path=paths)
     def rmdir(self, path: str) -> None:
@@ -286,7 +317,7 @@ class FilesystemModel(RuleBasedStateMachine):
         data = data_for(size, seed)
 
         def write(root: str) -> int:
-            fd = os.open(os.path.join(root, path), os.O_WRONLY)
+            fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_NONBLOCK)
             try:
                 return os.pwrite(fd, data, offset)
             finally:
@@ -296,7 +327,14 @@ class FilesystemModel(RuleBasedStateMachine):
 
     @rule(path=paths)
     def read_by_path(self, path: str) -> None:
-        self.both(f"read {path}", lambda root: Path(root, path).read_bytes())
+        def read(root: str) -> bytes:
+            fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                return b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            finally:
+                os.close(fd)
+
+        self.both(f"read {path}", read)
 
     @rule(path=paths)
     def list_directory(self, path: str) -> None:
@@ -319,7 +357,7 @@ class FilesystemModel(RuleBasedStateMachine):
         fds: list[int] = []
 
         def open_(root: str) -> None:
-            fds.append(os.open(os.path.join(root, path), flags, mode))
+            fds.append(os.open(os.path.join(root, path), flags | os.O_NONBLOCK, mode))
 
         result = self.both(f"open {path} flags={flags:o}", open_)
         if result[0] == "ok":
@@ -420,7 +458,7 @@ class FilesystemModel(RuleBasedStateMachine):
         fds: list[int] = []
 
         def open_(root: str) -> None:
-            fds.append(os.open(os.path.join(root, path), flags))
+            fds.append(os.open(os.path.join(root, path), flags | os.O_NONBLOCK))
 
         result = self.both(f"reopen {path} flags={flags:o}", open_)
         if result[0] == "ok":
@@ -452,7 +490,7 @@ def test_mount_behaves_like_a_native_directory(tmp_path: Path) -> None:
         (native / layout).mkdir(parents=True)
     old_umask = os.umask(0o022)
     try:
-        mount.start()
+        mount.start("--xattrs")
         (mount / "inductor" / "fxgraph").mkdir()
         FilesystemModel.mount_root = mount.mountpoint
         FilesystemModel.native_root = native
@@ -465,10 +503,11 @@ def test_mount_behaves_like_a_native_directory(tmp_path: Path) -> None:
             f"compared ({sum(n for (_op, r), n in outcomes.items() if r == 'ok')} succeeded): "
             + ", ".join(f"{op} {r} {n}" for (op, r), n in sorted(outcomes.items()))
         )
-        assert outcomes["link", "ok"] > 0, "no hard link was made: the rule tests nothing"
+        for made in ("link", "mkfifo", "setxattr"):
+            assert outcomes[made, "ok"] > 0, f"no {made} succeeded: the rule tests nothing"
         # Everything every example left behind survives a remount exactly.
         before = snapshot(str(native))
-        mount.remount()
+        mount.remount("--xattrs")
         after = snapshot(str(mount.mountpoint))
         del after["inductor/fxgraph"], after["inductor"], after["triton"]
         del after["users"]  # the private trees' directory (docs/security.md)

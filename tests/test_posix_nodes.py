@@ -667,3 +667,42 @@ def test_xattrs_persist_and_other_namespaces_are_refused(mount_with_xattrs: Moun
 @pytest.fixture
 def mount_with_xattrs(make_mount) -> Mount:  # type: ignore[no-untyped-def]
     return make_mount("--xattrs")  # type: ignore[no-any-return]
+
+
+def test_clones_keep_links_within_an_entry_and_xattrs(open_mount, mtp_user) -> None:  # type: ignore[no-untyped-def]
+    """A whole-entry clone keeps two names of one inode as one inode, and user. attributes.
+
+    A name outside the entry is cloned at its own lookup: a file of its own.
+    """
+    mount = open_mount("--allow-other", "--xattrs")
+    key = mount / "triton" / "KEY"
+    key.mkdir()
+    (key / "k.so").write_bytes(b"kernel")
+    os.setxattr(key / "k.so", "user.origin", b"triton")
+    os.link(key / "k.so", key / "k2.so")
+    os.link(key / "k.so", mount / "triton" / "alias.so")
+    os.mkfifo(key / "fifo")
+    view = mount.mountpoint / "users" / USER / "triton"
+    script = (
+        "import json, os, sys; v = sys.argv[1]; "
+        "s = [os.lstat(f'{v}/{n}') for n in ('KEY/k.so', 'KEY/k2.so', 'alias.so')]; "
+        "print(json.dumps([sorted(os.listdir(f'{v}/KEY')), [x.st_nlink for x in s], "
+        "s[0].st_ino == s[1].st_ino, s[0].st_ino == s[2].st_ino, s[0].st_uid, "
+        "os.getxattr(f'{v}/KEY/k2.so', 'user.origin').decode(), "
+        "open(f'{v}/KEY/k2.so').read()]))"
+    )
+    seen = as_user(mtp_user, "/usr/bin/python3", "-c", script, str(view))
+    assert seen.returncode == 0, seen.stderr
+    assert json.loads(seen.stdout) == [
+        ["k.so", "k2.so"],
+        [2, 2, 1],
+        True,
+        False,
+        mtp_user.pw_uid,
+        "triton",
+        "kernel",
+    ]
+    # The user's copies are the user's: unlinking one name leaves the other.
+    os.unlink(view / "KEY" / "k.so")
+    assert os.lstat(view / "KEY" / "k2.so").st_nlink == 1
+    assert os.lstat(key / "k.so").st_nlink == 3  # the shared inode is untouched
