@@ -23,11 +23,15 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs the backport there
+    import tomli as tomllib
 
 from mithrilfs import fsck
 from mithrilfs.mounts import is_stale
@@ -315,7 +319,8 @@ USER_VENV_BUILD_TIMEOUT = 1800
 
 def _user_venv_requirements() -> list[str]:
     with open(REPO / "pyproject.toml", "rb") as project:
-        runtime = tomllib.load(project)["project"]["dependencies"]
+        project_table = tomllib.load(project)["project"]
+    runtime = [*project_table["dependencies"], *project_table["optional-dependencies"]["daemon"]]
     return sorted([*runtime, *USER_VENV_EXTRAS])
 
 
