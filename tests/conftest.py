@@ -327,19 +327,27 @@ def _user_venv_requirements() -> list[str]:
 @pytest.fixture(scope="session")
 def user_python() -> Path:
     """A python every test user can run, with mithrilfs's and the compilers' packages."""
-    requirements = _user_venv_requirements()
+    return cached_venv(USER_VENV, _user_venv_requirements())
+
+
+def cached_venv(venv: Path, requirements: list[str]) -> Path:
+    """The python of a world-readable venv of SYSTEM_PYTHON at *venv* with *requirements*.
+
+    Installed with ``-c constraints.txt``; rebuilt only when the requirements
+    or the constraints change (a stamp inside says what it was built from).
+    """
     constraints = REPO / "constraints.txt"
     wanted = hashlib.sha256("\n".join(requirements).encode() + constraints.read_bytes()).hexdigest()
-    marker = USER_VENV / ".mithrilfs-complete"
-    with open(f"{USER_VENV}.lock", "w") as lock:
+    marker = venv / ".mithrilfs-complete"
+    with open(f"{venv}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
         if not (marker.exists() and marker.read_text() == wanted):
-            shutil.rmtree(USER_VENV, ignore_errors=True)
+            shutil.rmtree(venv, ignore_errors=True)
             umask = os.umask(0o022)  # world-readable, whatever the caller's umask
             try:
-                subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(USER_VENV)], check=True)
+                subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
                 built = subprocess.run(
-                    [str(USER_VENV / "bin" / "pip"), "install", "--quiet"]
+                    [str(venv / "bin" / "pip"), "install", "--quiet"]
                     + ["-c", str(constraints), *requirements],
                     capture_output=True,
                     text=True,
@@ -350,4 +358,4 @@ def user_python() -> Path:
             finally:
                 os.umask(umask)
             marker.write_text(wanted)  # last: the venv is complete
-    return USER_VENV / "bin" / "python"
+    return venv / "bin" / "python"
