@@ -23,8 +23,9 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,11 +48,11 @@ CLI_TIMEOUT = 60
 
 
 def run_cli(
-    *args: str | os.PathLike[str], cwd: Path | None = None, **kwargs: object
+    *args: str | os.PathLike[str], cwd: Path | None = None, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mithrilfs ARGS`` in a fresh process, output captured."""
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
+    return subprocess.run(
+        [sys.executable, "-m", "mithrilfs", *(os.fspath(arg) for arg in args)],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -63,7 +64,7 @@ def run_cli(
     )
 
 
-def wait_for(predicate, timeout: float, what: str, alive=None) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float, what: str, alive=None) -> None:
     """Poll *predicate* until it holds; fail with *what* at the deadline."""
     deadline = time.monotonic() + timeout
     delay = 0.005
@@ -177,6 +178,10 @@ class Mount:
         )
 
 
+# What the make_mount fixture gives: (*extra_args, name=, store=, start=, where=) -> Mount.
+MountFactory = Callable[..., Mount]
+
+
 @contextlib.contextmanager
 def older_version_mount(
     commit: str, store: Path, workdir: Path, *extra_args: str
@@ -222,7 +227,7 @@ def older_version_mount(
 
 
 @pytest.fixture
-def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def make_mount(tmp_path: Path) -> Iterator[MountFactory]:
     """Factory for mounts; every mount is unmounted, checked and cleaned up."""
     mounts: list[Mount] = []
 
@@ -299,9 +304,9 @@ def public_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+def mount(make_mount: MountFactory) -> Mount:
     """One running mount of a fresh store."""
-    return make_mount()  # type: ignore[no-any-return]
+    return make_mount()
 
 
 # -- an interpreter real test users can run ------------------------------------------

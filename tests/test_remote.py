@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ def summary(mount: Mount) -> dict[str, Any]:
     return stats.summarize(stats.read_saved(mount.store / INDEX_NAME))
 
 
-def wait_for_stats(mount: Mount, predicate, what: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def wait_for_stats(mount: Mount, predicate, what: str) -> dict[str, Any]:
     """Poll the daemon's saved counters (saved every second) until *predicate* holds."""
     seen: dict[str, Any] = {}
 
@@ -206,12 +206,14 @@ def entry_keys(client: redis.Redis, device_class: str = CLASS) -> set[str]:
 def manifest(client: redis.Redis, path: str, device_class: str = CLASS) -> dict[str, Any]:
     data = client.get(f"mithrilfs:v1:{device_class}:entry:{path}")
     assert data is not None, f"no manifest for {path}"
-    return json.loads(data)  # type: ignore[no-any-return]
+    document: dict[str, Any] = json.loads(data)
+    return document
 
 
 def object_value(client: redis.Redis, digest: str) -> bytes | None:
     value = client.get(f"mithrilfs:v1:obj:{digest}")
-    return value  # type: ignore[return-value]
+    assert not isinstance(value, str), "the test clients do not decode responses"
+    return value
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
@@ -252,7 +254,7 @@ def put_manifest(
 
 
 @pytest.fixture
-def nodes(make_mount, tmp_path: Path):  # type: ignore[no-untyped-def]
+def nodes(make_mount, tmp_path: Path):
     """node(store_name, *args, device_class=...) -> a started Mount at the shared path."""
 
     def start(store: str, *args: str, device_class: str = CLASS) -> Mount:
@@ -336,7 +338,7 @@ def test_cli_refuses_bad_remote_options(tmp_path: Path) -> None:
 def test_manifests_describe_only_their_own_entry() -> None:
     digest = blake3.blake3(b"x").hexdigest()
 
-    def doc(entry: str, kind: str, paths: list[str], dirs: list[str] = ()) -> bytes:  # type: ignore[assignment]
+    def doc(entry: str, kind: str, paths: list[str], dirs: Sequence[str] = ()) -> bytes:
         return json.dumps(
             {
                 "format": 1,
@@ -532,7 +534,7 @@ def populate(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> None:
     a = nodes("a-store", "--remote", redis_server.url)
     files = populate(a.mountpoint)
     published = wait_for_stats(a, lambda s: s["remote"]["published"] >= 5, "publishing")
@@ -606,7 +608,7 @@ def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> Non
 
 def test_two_live_nodes_and_the_kernels_negative_entries(
     redis_server: RedisServer, make_mount, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Both nodes mounted at once (different paths: no Triton group files here)."""
     a = make_mount("--device-class", CLASS, "--remote", redis_server.url, name="a")
     # The fstab spelling.
@@ -634,7 +636,7 @@ def test_two_live_nodes_and_the_kernels_negative_entries(
         assert existing.read() == b"\x7fELF"
 
 
-def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:  # type: ignore[no-untyped-def]
+def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:
     # One port where nothing listens (connection refused), one that accepts and never answers.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -662,7 +664,7 @@ def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:  # type:
             assert mount.check_store().clean
 
 
-def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_redis_cluster(nodes, tmp_path: Path) -> None:
     cluster = RedisCluster(tmp_path / "cluster")
     try:
         cluster.start()
@@ -685,7 +687,7 @@ def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untype
         cluster.kill()
 
 
-def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     data = b"the real kernel"
     put_object(client, data)
@@ -765,7 +767,7 @@ def owner_and_mode(path: Path) -> tuple[int, int]:
     return info.st_uid, stat.S_IMODE(info.st_mode)
 
 
-def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, monkeypatch) -> None:
     server = RedisServer(tmp_path / "redis", password=SECRET)
     server.start()
     try:
@@ -776,7 +778,7 @@ def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, mo
 
 def check_tenancy_across_nodes(
     server: RedisServer, nodes, users, tmp_path: Path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     password_file = tmp_path / "tier.password"
     password_file.touch(mode=0o600)
     password_file.write_text(SECRET + "\n")
@@ -889,7 +891,7 @@ def check_tenancy_across_nodes(
 
 def test_a_daemonized_mount_keeps_the_password_out_of_sight(
     make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The daemon forks from the command that parsed the options: check that path too."""
     server = RedisServer(tmp_path / "redis", password=SECRET)
     server.start()
@@ -941,7 +943,7 @@ def sent_by(client: redis.Redis) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
 
-def test_hostile_sizes_and_numbers_are_refused_unread(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_sizes_and_numbers_are_refused_unread(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     large = os.urandom(32 * MIB)
     put_object(client, large)
@@ -983,7 +985,7 @@ def peak_memory(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_concurrent_large_fetches_hold_bounded_memory(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_large_fetches_hold_bounded_memory(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     blobs = {f"triton/LARGE{i}": os.urandom(48 * MIB) for i in range(4)}
     for entry, blob in blobs.items():
@@ -1087,7 +1089,7 @@ class ThrottledProxy:
             sock.close()
 
 
-def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     blob = os.urandom(64 * MIB)
     put_object(client, blob)
@@ -1128,7 +1130,7 @@ def fx_counts(result: dict[str, Any]) -> tuple[int, int]:
 
 
 @pytest.mark.compilers
-def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> None:
     # A generous budget: this test is about what is shared, not about speed.
     args = ("--remote", redis_server.url, "--remote-timeout", "5")
     a = nodes("a-store", *args)
@@ -1165,7 +1167,7 @@ def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> N
 
 
 @pytest.mark.compilers
-def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer, nodes) -> None:
     a = nodes("a-store", "--remote", redis_server.url)
     client = redis_server.client()
     job = subprocess.Popen(
@@ -1219,7 +1221,7 @@ def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer,
 
 
 @pytest.mark.compilers
-def test_tampered_object_is_refused_and_repaired(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_object_is_refused_and_repaired(redis_server: RedisServer, nodes) -> None:
     args = ("--remote", redis_server.url, "--remote-timeout", "5")
     a = nodes("a-store", *args)
     cold = compile_triton(a)
