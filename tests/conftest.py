@@ -335,14 +335,16 @@ def user_python() -> Path:
     return cached_venv(USER_VENV, _user_venv_requirements())
 
 
-def cached_venv(venv: Path, requirements: list[str]) -> Path:
-    """The python of a world-readable venv of SYSTEM_PYTHON at *venv* with *requirements*.
+def cached_venv(prefix: Path, requirements: list[str]) -> Path:
+    """The python of a world-readable venv of SYSTEM_PYTHON with *requirements*.
 
-    Installed with ``-c constraints.txt``; rebuilt only when the requirements
-    or the constraints change (a stamp inside says what it was built from).
+    Installed with ``-c constraints.txt`` at ``<prefix>-<digest of both>``,
+    so that checkouts testing different sets at once never remove each
+    other's venv; built once per set (a stamp inside says it is complete).
     """
     constraints = REPO / "constraints.txt"
     wanted = hashlib.sha256("\n".join(requirements).encode() + constraints.read_bytes()).hexdigest()
+    venv = prefix.with_name(f"{prefix.name}-{wanted[:16]}")
     marker = venv / ".mithrilfs-complete"
     with open(f"{venv}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
