@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.parser
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -43,14 +44,26 @@ SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
 # The daemon's packages: none may reach a job's environment.
 DAEMON_ONLY = {"pyfuse3", "redis", "zstandard"}
 BUILD_TIMEOUT = 600
+# What building the distribution reads besides the package itself.
+SOURCE_FILES = ("pyproject.toml", "README.md")
+PYCACHE = shutil.ignore_patterns("__pycache__")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel `pip wheel . --no-deps` builds from this checkout."""
+    """The wheel `pip wheel . --no-deps` builds from this checkout's sources.
+
+    Built from a copy: setuptools builds in the source tree and never cleans
+    its build/ there, so a module removed since an earlier build would ride
+    along into the wheel.
+    """
+    source = tmp_path_factory.mktemp("source")
+    for name in SOURCE_FILES:
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "mithrilfs", source / "mithrilfs", ignore=PYCACHE)
     out = tmp_path_factory.mktemp("wheel")
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT,
