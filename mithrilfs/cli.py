@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from mithrilfs.scrub import ScrubConfig
 
 T = TypeVar("T")
+# What pyproject.toml's `daemon` extra installs (mount, import, export import
+# them when they run): a job's environment has only the base distribution.
+_DAEMON_EXTRA_MODULES = frozenset({"pyfuse3", "redis", "zstandard"})
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
 
@@ -92,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # a bug: still one line, with the traceback on request
+        if isinstance(exc, ModuleNotFoundError) and exc.name in _DAEMON_EXTRA_MODULES:
+            command = options.command.__name__.removeprefix("_cmd_")
+            print(
+                f"mithrilfs: {command} needs the daemon's packages (no module {exc.name}): "
+                "pip install 'mithrilfs[daemon]'",
+                file=sys.stderr,
+            )
+            return 2
         if os.environ.get("MITHRILFS_DEBUG"):
             raise
         print(

@@ -77,6 +77,17 @@ _USERS_LABEL = USERS_DIR.decode()
 
 # OSErrors from the backing store that mean the same to the caller.
 _PASSTHROUGH_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+# SQLite's result code for a full disk.  Python 3.10's sqlite3 gives neither
+# the constant nor the error's code, only SQLite's message for it.
+_SQLITE_FULL = 13
+_SQLITE_FULL_MESSAGE = "database or disk is full"
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return _SQLITE_FULL_MESSAGE in str(exc)
+    return code == _SQLITE_FULL
 
 
 P = ParamSpec("P")
@@ -96,7 +107,7 @@ def guarded(
         except FsError as exc:
             raise FUSEError(exc.errno) from None
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            if not _disk_full(exc):
                 log.exception("%s failed", handler.__name__)
                 raise FUSEError(errno.EIO) from None
             log.warning("%s: the store's disk is full", handler.__name__)

@@ -19,8 +19,12 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
+# Only modules that need nothing beyond the standard library: a job's environment
+# has no daemon packages (tests/test_packaging.py installs the job side alone).
+from mithrilfs import adminclient
 from mithrilfs.tenancy import tree_name
 
 __all__ = [
@@ -81,14 +85,10 @@ def _daemon_trusts_caller(mount: str) -> bool:
     """Whether the daemon serving *mount* counts this process as a trusted writer.
 
     Asked only when the answer is not plain; any failure (no daemon, an older
-    one, a job environment without the daemon's packages) means private.
+    one) means private.
     """
     try:
-        from pathlib import Path
-
-        from mithrilfs import adminsock
-
-        return adminsock.ask(Path(mount), "whoami", wait=2.0).get("trusted") is True
+        return adminclient.ask(Path(mount), "whoami", wait=2.0).get("trusted") is True
     except Exception:
         return False
 

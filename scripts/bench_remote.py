@@ -329,7 +329,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     options = parser.parse_args()
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(PYTHON).name, *sys.argv]),
         "machine": {
             "cpus": os.cpu_count(),

@@ -23,11 +23,16 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the test extra installs the backport there
+    import tomli as tomllib
 
 from mithrilfs import fsck
 from mithrilfs.mounts import is_stale
@@ -43,11 +48,11 @@ CLI_TIMEOUT = 60
 
 
 def run_cli(
-    *args: str | os.PathLike[str], cwd: Path | None = None, **kwargs: object
+    *args: str | os.PathLike[str], cwd: Path | None = None, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mithrilfs ARGS`` in a fresh process, output captured."""
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [sys.executable, "-m", "mithrilfs", *map(os.fspath, args)],
+    return subprocess.run(
+        [sys.executable, "-m", "mithrilfs", *(os.fspath(arg) for arg in args)],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -59,7 +64,7 @@ def run_cli(
     )
 
 
-def wait_for(predicate, timeout: float, what: str, alive=None) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate, timeout: float, what: str, alive=None) -> None:
     """Poll *predicate* until it holds; fail with *what* at the deadline."""
     deadline = time.monotonic() + timeout
     delay = 0.005
@@ -173,6 +178,10 @@ class Mount:
         )
 
 
+# What the make_mount fixture gives: (*extra_args, name=, store=, start=, where=) -> Mount.
+MountFactory = Callable[..., Mount]
+
+
 @contextlib.contextmanager
 def older_version_mount(
     commit: str, store: Path, workdir: Path, *extra_args: str
@@ -218,7 +227,7 @@ def older_version_mount(
 
 
 @pytest.fixture
-def make_mount(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+def make_mount(tmp_path: Path) -> Iterator[MountFactory]:
     """Factory for mounts; every mount is unmounted, checked and cleaned up."""
     mounts: list[Mount] = []
 
@@ -295,9 +304,9 @@ def public_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+def mount(make_mount: MountFactory) -> Mount:
     """One running mount of a fresh store."""
-    return make_mount()  # type: ignore[no-any-return]
+    return make_mount()
 
 
 @pytest.fixture
@@ -318,8 +327,11 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
 # The suite's own venv may sit where other users cannot read (a checkout under
 # /root, a pyenv build), so tests that run Python as a second user get a venv
 # of the system's python3.11 in a world-readable place, with the tested set of
-# packages (constraints.txt): the daemon's dependencies and the compilers.
-# Built once and reused while that set is unchanged.
+# packages (constraints.txt): what a job's environment has, which is the
+# package's base dependencies (the CLI, the hooks) and the compilers, never
+# the daemon's extra (test users do not mount).  tests/test_packaging.py
+# installs the wheel into the same venv to play a job's environment, so torch
+# is installed once per run.  Built once and reused while that set is unchanged.
 USER_VENV = Path("/var/tmp/mithrilfs-user-venv")
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 USER_VENV_EXTRAS = ("torch", "triton", "numpy")
@@ -328,26 +340,38 @@ USER_VENV_BUILD_TIMEOUT = 1800
 
 def _user_venv_requirements() -> list[str]:
     with open(REPO / "pyproject.toml", "rb") as project:
-        runtime = tomllib.load(project)["project"]["dependencies"]
-    return sorted([*runtime, *USER_VENV_EXTRAS])
+        project_table = tomllib.load(project)["project"]
+    return sorted([*project_table["dependencies"], *USER_VENV_EXTRAS])
 
 
 @pytest.fixture(scope="session")
 def user_python() -> Path:
-    """A python every test user can run, with mithrilfs's and the compilers' packages."""
-    requirements = _user_venv_requirements()
+    """A python every test user can run, with a job's packages: mithrilfs's base
+    dependencies and the compilers (users run their code from a copy of the
+    sources on PYTHONPATH)."""
+    return cached_venv(USER_VENV, _user_venv_requirements())
+
+
+def cached_venv(prefix: Path, requirements: list[str]) -> Path:
+    """The python of a world-readable venv of SYSTEM_PYTHON with *requirements*.
+
+    Installed with ``-c constraints.txt`` at ``<prefix>-<digest of both>``,
+    so that checkouts testing different sets at once never remove each
+    other's venv; built once per set (a stamp inside says it is complete).
+    """
     constraints = REPO / "constraints.txt"
     wanted = hashlib.sha256("\n".join(requirements).encode() + constraints.read_bytes()).hexdigest()
-    marker = USER_VENV / ".mithrilfs-complete"
-    with open(f"{USER_VENV}.lock", "w") as lock:
+    venv = prefix.with_name(f"{prefix.name}-{wanted[:16]}")
+    marker = venv / ".mithrilfs-complete"
+    with open(f"{venv}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
         if not (marker.exists() and marker.read_text() == wanted):
-            shutil.rmtree(USER_VENV, ignore_errors=True)
+            shutil.rmtree(venv, ignore_errors=True)
             umask = os.umask(0o022)  # world-readable, whatever the caller's umask
             try:
-                subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(USER_VENV)], check=True)
+                subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
                 built = subprocess.run(
-                    [str(USER_VENV / "bin" / "pip"), "install", "--quiet"]
+                    [str(venv / "bin" / "pip"), "install", "--quiet"]
                     + ["-c", str(constraints), *requirements],
                     capture_output=True,
                     text=True,
@@ -358,4 +382,4 @@ def user_python() -> Path:
             finally:
                 os.umask(umask)
             marker.write_text(wanted)  # last: the venv is complete
-    return USER_VENV / "bin" / "python"
+    return venv / "bin" / "python"

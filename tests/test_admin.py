@@ -108,7 +108,7 @@ class User:
             "--init-groups",
             "--",
             os.fspath(self.python),
-            *map(os.fspath, args),
+            *(os.fspath(arg) for arg in args),
         ]
 
     @property
@@ -143,7 +143,7 @@ class User:
 
 
 @pytest.fixture
-def as_user(users, user_python: Path, user_source: Path) -> dict[str, User]:  # type: ignore[no-untyped-def]
+def as_user(users, user_python: Path, user_source: Path) -> dict[str, User]:
     return {name: User(entry, user_python, user_source) for name, entry in users.items()}
 
 
@@ -181,7 +181,7 @@ def _reads(path: Path, data: bytes) -> bool:
         return False
 
 
-def labelled_mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+def labelled_mount(make_mount) -> Mount:
     """A mount whose saved counters include rows labelled with mta_a's tree."""
     mount: Mount = make_mount(start=False)
     repo = Repository.open(mount.store)
@@ -214,7 +214,7 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int, mention:
 # -- who asks -------------------------------------------------------------------------------
 
 
-def test_whoami_says_who_asks_and_which_tree_to_use(make_mount, as_user) -> None:  # type: ignore[no-untyped-def]
+def test_whoami_says_who_asks_and_which_tree_to_use(make_mount, as_user) -> None:
     mount: Mount = make_mount()
     a = as_user["mta_a"]
     assert a.whoami(mount) == {"uid": a.entry.pw_uid, "trusted": False, "tree": "users/mta_a"}
@@ -222,7 +222,7 @@ def test_whoami_says_who_asks_and_which_tree_to_use(make_mount, as_user) -> None
     assert root == {"uid": 0, "trusted": True, "tree": ""}
 
 
-def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:  # type: ignore[no-untyped-def]
+def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:
     mount = labelled_mount(make_mount)
     contents = populate(mount)
     a, b = as_user["mta_a"], as_user["mta_b"]
@@ -269,7 +269,7 @@ def test_a_users_stats_show_their_own_tree_only(make_mount, as_user) -> None:  #
     assert json_of(b.mithrilfs("stats", mount.mountpoint, "--json"))["entries"] == 1
 
 
-def test_a_user_evicts_only_in_their_own_tree(make_mount, as_user) -> None:  # type: ignore[no-untyped-def]
+def test_a_user_evicts_only_in_their_own_tree(make_mount, as_user) -> None:
     mount: Mount = make_mount("--cap", "64M")
     contents = populate(mount)
     a = as_user["mta_a"]
@@ -302,7 +302,8 @@ def test_a_user_evicts_only_in_their_own_tree(make_mount, as_user) -> None:  # t
         a.mithrilfs("evict", mount.mountpoint, "--path", "users/mta_a/triton/*", "--json")
     )
     assert evicted["entries"] == 1  # the key directory KA, whole
-    assert evicted["served_by"] == f"daemon pid {mount.proc.pid}"  # type: ignore[union-attr]
+    assert mount.proc is not None
+    assert evicted["served_by"] == f"daemon pid {mount.proc.pid}"
     kept = everything - {p for p in mine if "/triton/" in p}
     wait_for(lambda: present(mount, contents) == kept, DEADLINE, "a's triton entries to go")
 
@@ -323,7 +324,7 @@ def test_a_user_evicts_only_in_their_own_tree(make_mount, as_user) -> None:  # t
 # -- the socket ---------------------------------------------------------------------------
 
 
-def test_the_socket_is_where_anyone_can_find_it_and_goes_with_the_daemon(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_the_socket_is_where_anyone_can_find_it_and_goes_with_the_daemon(make_mount) -> None:
     mount: Mount = make_mount()
     path = adminsock.socket_path(mount.mountpoint, 0)
     assert path.parent == Path("/run/mithrilfs")
@@ -367,7 +368,7 @@ while True:
 """
 
 
-def test_the_command_talks_only_to_the_mounts_own_daemon(make_mount, as_user) -> None:  # type: ignore[no-untyped-def]
+def test_the_command_talks_only_to_the_mounts_own_daemon(make_mount, as_user) -> None:
     mount: Mount = make_mount()
     path = adminsock.socket_path(mount.mountpoint, 0)
     a = as_user["mta_a"]
@@ -434,7 +435,7 @@ GARBAGE = [
 ]
 
 
-def test_garbage_on_the_socket_gets_an_error_and_the_mount_keeps_serving(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_on_the_socket_gets_an_error_and_the_mount_keeps_serving(make_mount) -> None:
     mount: Mount = make_mount()
     contents = populate(mount)
     path = adminsock.socket_path(mount.mountpoint, 0)
@@ -468,10 +469,10 @@ def test_garbage_on_the_socket_gets_an_error_and_the_mount_keeps_serving(make_mo
         assert (mount / probe).read_bytes() == contents[probe]
         answers = []
         for peer in crowd[1::2]:
-            answer = b""
+            reply = b""
             while chunk := peer.recv(4096):
-                answer += chunk
-            answers.append(json.loads(answer))
+                reply += chunk
+            answers.append(json.loads(reply))
         # More than it serves at once: the rest waited for the silent ones to time out.
         assert [a["error"] for a in answers] == ["request is not UTF-8"] * len(answers)
     finally:
@@ -490,7 +491,7 @@ def test_garbage_on_the_socket_gets_an_error_and_the_mount_keeps_serving(make_mo
     assert mount.proc.poll() is None
 
 
-def test_mount_refuses_a_socket_directory_others_could_swap(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mount_refuses_a_socket_directory_others_could_swap(make_mount, tmp_path: Path) -> None:
     directory = tmp_path / "run"
     directory.mkdir(mode=0o777)
     directory.chmod(0o777)

@@ -498,7 +498,7 @@ def crash(mount: Mount) -> None:
 
 
 @pytest.fixture
-def crashable(make_mount, tmp_path: Path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+def crashable(make_mount, tmp_path: Path) -> Iterator[Any]:
     """make_mount, plus a teardown that clears the stale mounts a failed test may leave."""
     yield make_mount
     for mountpoint in tmp_path.glob("*-mnt"):

@@ -393,7 +393,7 @@ def doctor_cli(*args: str | Path, env: dict[str, str] | None = None) -> tuple[in
     return result.returncode, result.stdout
 
 
-def test_real_run_on_a_live_mount(mount) -> None:  # type: ignore[no-untyped-def]
+def test_real_run_on_a_live_mount(mount) -> None:
     env = dict(os.environ)
     env.update(
         TRITON_CACHE_DIR=str(mount / "triton"), TORCHINDUCTOR_CACHE_DIR=str(mount / "inductor")
@@ -416,7 +416,7 @@ def test_real_run_on_a_live_mount(mount) -> None:  # type: ignore[no-untyped-def
     assert code == (1 if "\nFAIL" in "\n" + text else 0)
 
 
-def test_real_run_finds_a_stale_mount(mount) -> None:  # type: ignore[no-untyped-def]
+def test_real_run_finds_a_stale_mount(mount) -> None:
     assert mount.proc is not None
     os.kill(mount.proc.pid, signal.SIGKILL)
     mount.proc.wait()

@@ -273,7 +273,7 @@ def assert_serves(mount: Mount, removed: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[d.name for d in DAMAGES])
-def test_fsck_finds_names_and_repairs(damage: Damage, store: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_fsck_finds_names_and_repairs(damage: Damage, store: Path, make_mount) -> None:
     inflict(store, damage.inflict)
 
     found = mithrilfs("fsck", "--store", store)
@@ -297,7 +297,7 @@ def test_fsck_finds_names_and_repairs(damage: Damage, store: Path, make_mount) -
     # The mount fixture unmounts and requires a clean fsck.
 
 
-def test_fsck_json(store: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_fsck_json(store: Path, make_mount) -> None:
     inflict(store, _staging_leftover)
     inflict(store, _refcount_too_high)
 
@@ -396,7 +396,7 @@ def test_fsck_shows_progress_on_a_terminal_only(store: Path) -> None:
 
 
 @pytest.fixture
-def killed_mount(make_mount) -> Mount:  # type: ignore[no-untyped-def]
+def killed_mount(make_mount) -> Mount:
     """A mount with TREE in it whose daemon was SIGKILLed (store left marked unclean)."""
     mount: Mount = make_mount("--device-class", DEVICE_CLASS)
     write_tree(mount.mountpoint, TREE)

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_eviction import (
+
+from mithrilfs.cli import main
+from mithrilfs.repository import Repository
+from tests.conftest import Mount, MountFactory, wait_for
+from tests.test_eviction import (
     DEADLINE,
     Entry,
     counters,
@@ -30,10 +34,6 @@ from test_eviction import (
     tree,
     write_entry,
 )
-
-from mithrilfs.cli import main
-from mithrilfs.repository import Repository
-from tests.conftest import Mount, wait_for
 
 DAY = 86400
 # Seconds added to the clock that recency and ages use, for the mounts below
@@ -67,7 +67,7 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., Result]:
 
 
 @pytest.fixture
-def cache(make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def cache(make_mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A factory for mounts with Triton's cache pointed at them, on the `clock` fixture's clock."""
     offset = os.fspath(tmp_path / CLOCK_OFFSET)
 
@@ -82,7 +82,7 @@ def cache(make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type:
 
 
 @pytest.fixture
-def clock(tmp_path: Path) -> Callable[[float], None]:
+def clock(tmp_path: Path) -> Callable[[float], object]:
     """Move the clock that recency and expiry see (the `cache` mounts, and offline
     commands given ``--clock-offset-file`` with this file)."""
     offset = tmp_path / CLOCK_OFFSET
@@ -148,7 +148,7 @@ def assert_states(mount: Mount, gone: list[Entry], kept: list[Entry]) -> None:
 # -- gc -----------------------------------------------------------------------------
 
 
-def test_gc_offline_evicts_least_recently_read_down_to_the_size(cache, cli) -> None:  # type: ignore[no-untyped-def]
+def test_gc_offline_evicts_least_recently_read_down_to_the_size(cache, cli) -> None:
     mount = cache()
     entries = populate(mount, "gc", 6)
     read_entry(mount, entries[0])
@@ -171,7 +171,7 @@ def test_gc_offline_evicts_least_recently_read_down_to_the_size(cache, cli) -> N
     assert_states(mount, gone=entries[2:5], kept=[entries[0], entries[1], entries[5]])
 
 
-def test_gc_without_a_size_uses_the_last_mounts_cap(cache, cli, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_gc_without_a_size_uses_the_last_mounts_cap(cache, cli, make_mount) -> None:
     mount = cache()
     entries = populate(mount, "gcdefault", 3)
     mount.stop()
@@ -190,7 +190,7 @@ def test_gc_without_a_size_uses_the_last_mounts_cap(cache, cli, make_mount) -> N
     assert result.err.startswith("mithrilfs: no cap is on record")
 
 
-def test_gc_against_a_running_mount_goes_through_its_daemon(cache, cli) -> None:  # type: ignore[no-untyped-def]
+def test_gc_against_a_running_mount_goes_through_its_daemon(cache, cli) -> None:
     mount = cache()
     entries = populate(mount, "gconline", 5)
     read_entry(mount, entries[0])
@@ -200,7 +200,7 @@ def test_gc_against_a_running_mount_goes_through_its_daemon(cache, cli) -> None:
     result = cli("gc", "--store", mount.store, "--to", str(target), "--json")
     assert result.code == 0, result.err
     assert result.report["entries"] == 2
-    assert result.report["served_by"] == f"daemon pid {mount.proc.pid}"  # type: ignore[union-attr]
+    assert result.report["served_by"] == f"daemon pid {mount.proc.pid}"
     wait_gone(mount, entries[1:3])
     assert_states(mount, gone=entries[1:3], kept=[entries[0], *entries[3:]])
     mount.stop()
@@ -210,7 +210,7 @@ def test_gc_against_a_running_mount_goes_through_its_daemon(cache, cli) -> None:
 # -- evict: by age, by class, by path; dry runs ------------------------------------------
 
 
-def test_evict_older_than_offline(cache, cli, clock) -> None:  # type: ignore[no-untyped-def]
+def test_evict_older_than_offline(cache, cli, clock) -> None:
     mount = cache()
     entries = populate(mount, "old", 4)
     clock(5 * DAY)
@@ -235,7 +235,7 @@ def test_evict_older_than_offline(cache, cli, clock) -> None:  # type: ignore[no
     assert_states(mount, gone=[entries[0], entries[1], entries[3]], kept=[entries[2]])
 
 
-def test_evict_older_than_through_the_daemon(cache, cli, clock) -> None:  # type: ignore[no-untyped-def]
+def test_evict_older_than_through_the_daemon(cache, cli, clock) -> None:
     mount = cache()
     entries = populate(mount, "oldonline", 4)
     clock(5 * DAY)
@@ -251,7 +251,7 @@ def test_evict_older_than_through_the_daemon(cache, cli, clock) -> None:  # type
     assert counters(mount, "evictions_total") == {"evict": 3}
 
 
-def test_evict_a_device_class_offline_and_through_the_daemon(cache, cli) -> None:  # type: ignore[no-untyped-def]
+def test_evict_a_device_class_offline_and_through_the_daemon(cache, cli) -> None:
     hopper = cache("--device-class", "cuda-sm90")
     on_hopper = populate(hopper, "sm90", 3)
     hopper.stop()
@@ -282,7 +282,7 @@ def test_evict_a_device_class_offline_and_through_the_daemon(cache, cli) -> None
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
-def test_evict_by_path_after_a_triton_upgrade(cache, cli, online: bool) -> None:  # type: ignore[no-untyped-def]
+def test_evict_by_path_after_a_triton_upgrade(cache, cli, online: bool) -> None:
     mount = cache()
     entries = populate(mount, "path", 8)
     triton = [e for e in entries if e.kind == "triton"]
@@ -307,7 +307,7 @@ def test_evict_by_path_after_a_triton_upgrade(cache, cli, online: bool) -> None:
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
-def test_dry_run_shows_entries_and_bytes_and_removes_nothing(cache, cli, online: bool) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_shows_entries_and_bytes_and_removes_nothing(cache, cli, online: bool) -> None:
     mount = cache("--device-class", "cuda-sm90")
     entries = populate(mount, "dry", 4)
     sizes = {e.key: entry_bytes(mount, e) for e in entries}
@@ -330,7 +330,7 @@ def test_dry_run_shows_entries_and_bytes_and_removes_nothing(cache, cli, online:
     assert counters(mount, "evictions_total") == {}
 
 
-def test_dry_run_counts_shared_content_once(cache, cli) -> None:  # type: ignore[no-untyped-def]
+def test_dry_run_counts_shared_content_once(cache, cli) -> None:
     mount = cache()
     shared = b"same bytes" * 1000
     for name in ("a", "b"):
@@ -362,7 +362,7 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
-def test_bad_input_is_one_line_exit_2_and_removes_nothing(cache, cli, online: bool) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_one_line_exit_2_and_removes_nothing(cache, cli, online: bool) -> None:
     mount = cache()
     populate(mount, "bad", 3)
     before = tree(mount.mountpoint)
@@ -383,7 +383,7 @@ def test_bad_input_is_one_line_exit_2_and_removes_nothing(cache, cli, online: bo
     assert counters(mount, "evictions_total") == {}
 
 
-def test_a_store_held_by_another_command_is_not_signalled(cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_held_by_another_command_is_not_signalled(cache, tmp_path: Path) -> None:
     mount = cache()
     mount.stop()
     holder = Repository.open(mount.store)  # like a running fsck: the lock, no daemon
@@ -402,7 +402,7 @@ def test_a_store_held_by_another_command_is_not_signalled(cache, tmp_path: Path)
     assert "takes no eviction requests" in result.stderr
 
 
-def test_the_real_command_line_against_a_mount(cache) -> None:  # type: ignore[no-untyped-def]
+def test_the_real_command_line_against_a_mount(cache) -> None:
     mount = cache()
     entries = populate(mount, "real", 4)
     result = subprocess.run(

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
-from test_stats import Observer, metrics_mount, mithrilfs, sample
 
 from tests.conftest import Mount
+from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
+from tests.test_stats import Observer, metrics_mount, mithrilfs, sample
 
 KINDS = ("triton", "fxgraph", "aotautograd")
 # Two kernels: the same source for two targets has two cache keys.
@@ -53,7 +53,7 @@ def assert_metrics_agree(observer: Observer, summary: dict[str, Any]) -> None:
 
 
 @pytest.mark.compilers
-def test_triton_kernels_miss_cold_and_hit_warm(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_triton_kernels_miss_cold_and_hit_warm(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     env = cache_env(mount.mountpoint)
     start = observer.settled()
@@ -100,7 +100,7 @@ def test_triton_kernels_miss_cold_and_hit_warm(make_mount) -> None:  # type: ign
 
 
 @pytest.mark.compilers
-def test_inductor_graphs_miss_cold_and_hit_warm(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_inductor_graphs_miss_cold_and_hit_warm(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     env = cache_env(mount.mountpoint)
     start = observer.settled()

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -26,14 +27,15 @@ def object_path(store: Path, content: bytes) -> Path:
     return store / "objects" / hexname[:2] / hexname[2:4] / hexname
 
 
-def stats_json(mount) -> dict:  # type: ignore[no-untyped-def]
+def stats_json(mount) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "mithrilfs", "stats", "--store", str(mount.store), "--json"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    summary: dict[str, Any] = json.loads(out)
+    return summary
 
 
 def damage(path: Path, how: str) -> None:

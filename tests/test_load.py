@@ -112,7 +112,7 @@ class Worker:
         if not hasattr(self, "kernels"):
 
             @triton.jit
-            def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):  # type: ignore[no-untyped-def]
+            def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):
                 offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
                 mask = offsets < n
                 x = tl.load(x_ptr + offsets, mask=mask)
@@ -120,7 +120,7 @@ class Worker:
                 tl.store(out_ptr + offsets, x + y + K, mask=mask)
 
             @triton.jit
-            def scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):  # type: ignore[no-untyped-def]
+            def scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):
                 offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
                 mask = offsets < n
                 tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * K, mask=mask)
@@ -150,7 +150,7 @@ class Worker:
         if seen != [kernel.hash, cubin]:
             self.error(f"{variant}: got {kernel.hash} {cubin}, earlier {seen}")
 
-    def listen(self, *, src, metadata, metadata_group, times, cache_hit):  # type: ignore[no-untyped-def]
+    def listen(self, *, src, metadata, metadata_group, times, cache_hit):
         self.counts["compile hits" if cache_hit else "cold compiles"] += 1
 
     # Triton's FileCacheManager, driven like triton.compile drives it.
@@ -199,7 +199,7 @@ class Worker:
     def check_group(self, cache: Any, key: str) -> dict[str, str] | None:
         """Triton's hit path, with every byte checked; None on a miss."""
         present = os.path.exists(os.path.join(cache.cache_dir, "__grp__k.json"))
-        group = cache.get_group("k.json")
+        group: dict[str, str] | None = cache.get_group("k.json")
         self.counts["group lookups"] += 1
         if group is None:
             if present:
@@ -303,7 +303,8 @@ def test_two_stores_on_two_mounts_side_by_side(make_mount: Any) -> None:
     first = make_mount(name="first")
     second = make_mount(name="second")
     assert first.store != second.store
-    sources = {entry.source for entry in map(find_mount, (first.mountpoint, second.mountpoint))}
+    entries = map(find_mount, (first.mountpoint, second.mountpoint))
+    sources = {entry.source if entry else None for entry in entries}
     assert sources == {str(first.store), str(second.store)}
 
     for mount, label in ((first, b"first"), (second, b"second")):

@@ -228,10 +228,10 @@ class FilesystemModel(RuleBasedStateMachine):
             os.makedirs(root)
         # Start from a populated tree, so that most operations meet something.
         for directory in ("d", "e", "d/e"):
-            self.both(f"mkdir {directory}", lambda root, d=directory: os.mkdir(Path(root, d)))
+            self.both(f"mkdir {directory}", lambda root, d=directory: os.mkdir(Path(root, d)))  # type: ignore[misc]
         for seed, name in enumerate(("a", "b.py", "d/a", "e/a")):
             data = data_for(seed * 1000, seed)
-            self.both(f"write {name}", lambda root, n=name, b=data: Path(root, n).write_bytes(b))
+            self.both(f"write {name}", lambda root, n=name, b=data: Path(root, n).write_bytes(b))  # type: ignore[misc]
 
     def teardown(self) -> None:
         for native_fd, mount_fd, _path, _flags in self.handles.values():

@@ -359,7 +359,7 @@ def _remove_user() -> None:
 @pytest.mark.parametrize("caller", ["root", "user", "user in group"])
 def test_errno_cases_match_ext4(
     make_mount, public_dir: Path, mtq_user: tuple[pwd.struct_passwd, int], caller: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """As root, as the user, and as the user with the test group as its gid (``sg``)."""
     user, group = mtq_user
     as_root = caller == "root"
@@ -406,6 +406,6 @@ def test_attribute_changes_move_ctime(mount: Mount) -> None:
         before = os.lstat(path).st_ctime_ns
         change()
         assert os.lstat(path).st_ctime_ns > before, what
-    before = os.lstat(path)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert os.lstat(path).st_mtime_ns == before.st_mtime_ns
+    times = os.lstat(path)
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.lstat(path).st_mtime_ns == times.st_mtime_ns

@@ -30,8 +30,16 @@ import pytest
 
 from mithrilfs.index import SCHEMA_VERSION
 from mithrilfs.repository import INDEX_NAME
-from tests.conftest import MOUNT_DEADLINE, Mount, older_version_mount, run_cli, wait_for
-from tests.test_remote import CLASS, RedisServer, entry_keys, manifest, wait_for_stats
+from tests.conftest import (
+    MOUNT_DEADLINE,
+    Mount,
+    MountFactory,
+    older_version_mount,
+    run_cli,
+    wait_for,
+)
+from tests.redis_server import RedisServer
+from tests.test_remote import CLASS, entry_keys, manifest, wait_for_stats
 
 USER = "mtp_a"
 # The store format before special nodes (format 1): main before this change.
@@ -302,7 +310,7 @@ def mtp_user() -> Iterator[pwd.struct_passwd]:
 
 
 @pytest.fixture
-def open_mount(public_dir: Path, make_mount):  # type: ignore[no-untyped-def]
+def open_mount(public_dir: Path, make_mount):
     """make_mount, with the mountpoint where the test user can reach it."""
 
     def start(*extra_args: str, **options: Any) -> Mount:
@@ -373,7 +381,7 @@ def test_device_nodes_keep_rdev_and_are_never_devices(mount: Mount) -> None:
     assert rows == [(None, None)] * 3  # metadata only: no object, no cache entry
 
 
-def test_private_trees_do_not_clone_special_nodes(open_mount, mtp_user) -> None:  # type: ignore[no-untyped-def]
+def test_private_trees_do_not_clone_special_nodes(open_mount, mtp_user) -> None:
     mount = open_mount("--allow-other")
     key = mount / "triton" / "KEY"
     key.mkdir()
@@ -387,7 +395,7 @@ def test_private_trees_do_not_clone_special_nodes(open_mount, mtp_user) -> None:
     assert listed.stdout.split() == ["KEY", "k.so"], listed.stderr
 
 
-def test_export_leaves_special_nodes_out(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_export_leaves_special_nodes_out(make_mount, tmp_path: Path) -> None:
     mount = make_mount("--device-class", "cpu-nodes")
     key = mount / "triton" / "KEY"
     key.mkdir()
@@ -422,7 +430,7 @@ def test_eviction_takes_special_nodes_with_their_directory(mount: Mount) -> None
     assert sorted(os.listdir(mount / "triton")) == ["OTHER"]
 
 
-def test_a_store_of_the_previous_format_takes_special_nodes(tmp_path: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_of_the_previous_format_takes_special_nodes(tmp_path: Path, make_mount) -> None:
     store = tmp_path / "m-store"
     with older_version_mount(BEFORE_NODES, store, tmp_path) as mountpoint:
         (mountpoint / "triton" / "KEY").mkdir()
@@ -468,7 +476,7 @@ def test_a_bound_socket_on_the_mount_serves(mount: Mount) -> None:
     assert os.listdir(directory) == []
 
 
-def test_the_shared_tier_never_publishes_special_nodes(tmp_path: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_the_shared_tier_never_publishes_special_nodes(tmp_path: Path, make_mount) -> None:
     """remote.py's manifests take regular files and directories only (and no symlinks)."""
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -665,11 +673,11 @@ def test_xattrs_persist_and_other_namespaces_are_refused(mount_with_xattrs: Moun
 
 
 @pytest.fixture
-def mount_with_xattrs(make_mount) -> Mount:  # type: ignore[no-untyped-def]
-    return make_mount("--xattrs")  # type: ignore[no-any-return]
+def mount_with_xattrs(make_mount: MountFactory) -> Mount:
+    return make_mount("--xattrs")
 
 
-def test_clones_keep_links_within_an_entry_and_xattrs(open_mount, mtp_user) -> None:  # type: ignore[no-untyped-def]
+def test_clones_keep_links_within_an_entry_and_xattrs(open_mount, mtp_user) -> None:
     """A whole-entry clone keeps two names of one inode as one inode, and user. attributes.
 
     A name outside the entry is cloned at its own lookup: a file of its own.

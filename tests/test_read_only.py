@@ -32,7 +32,7 @@ def object_count(store: Path) -> int:
 
 
 @pytest.fixture
-def filled(make_mount):  # type: ignore[no-untyped-def]
+def filled(make_mount):
     """A mount with one file and one directory, remounted read-only."""
     mount = make_mount()
     (mount / "triton" / "k").mkdir()

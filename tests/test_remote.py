@@ -70,7 +70,7 @@ def summary(mount: Mount) -> dict[str, Any]:
     return stats.summarize(stats.read_saved(mount.store / INDEX_NAME))
 
 
-def wait_for_stats(mount: Mount, predicate, what: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def wait_for_stats(mount: Mount, predicate, what: str) -> dict[str, Any]:
     """Poll the daemon's saved counters (saved every second) until *predicate* holds."""
     seen: dict[str, Any] = {}
 
@@ -90,12 +90,14 @@ def entry_keys(client: redis.Redis, device_class: str = CLASS) -> set[str]:
 def manifest(client: redis.Redis, path: str, device_class: str = CLASS) -> dict[str, Any]:
     data = client.get(f"mithrilfs:v1:{device_class}:entry:{path}")
     assert data is not None, f"no manifest for {path}"
-    return json.loads(data)  # type: ignore[no-any-return]
+    document: dict[str, Any] = json.loads(data)
+    return document
 
 
 def object_value(client: redis.Redis, digest: str) -> bytes | None:
     value = client.get(f"mithrilfs:v1:obj:{digest}")
-    return value  # type: ignore[return-value]
+    assert not isinstance(value, str), "the test clients do not decode responses"
+    return value
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
@@ -136,7 +138,7 @@ def put_manifest(
 
 
 @pytest.fixture
-def nodes(make_mount, tmp_path: Path):  # type: ignore[no-untyped-def]
+def nodes(make_mount, tmp_path: Path):
     """node(store_name, *args, device_class=...) -> a started Mount at the shared path."""
 
     def start(store: str, *args: str, device_class: str = CLASS) -> Mount:
@@ -310,7 +312,7 @@ def populate(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> None:
     a = nodes("a-store", "--remote", redis_server.url)
     files = populate(a.mountpoint)
     published = wait_for_stats(a, lambda s: s["remote"]["published"] >= 5, "publishing")
@@ -384,7 +386,7 @@ def test_second_node_gets_entries_whole(redis_server: RedisServer, nodes) -> Non
 
 def test_special_nodes_stay_local_and_hard_links_publish_as_plain_files(
     redis_server: RedisServer, nodes
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """FIFOs, sockets and device nodes are never published; every name of a hard-linked
     file is a plain file of its own entry (one manifest line per name, one object)."""
     a = nodes("a-store", "--remote", redis_server.url)
@@ -448,7 +450,7 @@ def test_special_nodes_stay_local_and_hard_links_publish_as_plain_files(
 
 def test_two_live_nodes_and_the_kernels_negative_entries(
     redis_server: RedisServer, make_mount, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Both nodes mounted at once (different paths: no Triton group files here)."""
     a = make_mount("--device-class", CLASS, "--remote", redis_server.url, name="a")
     # The fstab spelling.
@@ -476,7 +478,7 @@ def test_two_live_nodes_and_the_kernels_negative_entries(
         assert existing.read() == b"\x7fELF"
 
 
-def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:  # type: ignore[no-untyped-def]
+def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:
     # One port where nothing listens (connection refused), one that accepts and never answers.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -504,7 +506,7 @@ def test_tier_down_or_silent_never_fails_the_filesystem(nodes) -> None:  # type:
             assert mount.check_store().clean
 
 
-def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_redis_cluster(nodes, tmp_path: Path) -> None:
     cluster = RedisCluster(tmp_path / "cluster")
     try:
         cluster.start()
@@ -527,7 +529,7 @@ def test_redis_cluster(nodes, tmp_path: Path) -> None:  # type: ignore[no-untype
         cluster.kill()
 
 
-def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_entries_in_the_tier_are_refused(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     data = b"the real kernel"
     put_object(client, data)
@@ -607,7 +609,7 @@ def owner_and_mode(path: Path) -> tuple[int, int]:
     return info.st_uid, stat.S_IMODE(info.st_mode)
 
 
-def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, monkeypatch) -> None:
     server = RedisServer(tmp_path / "redis", password=SECRET)
     server.start()
     try:
@@ -618,7 +620,7 @@ def test_entries_follow_their_tree_across_nodes(nodes, users, tmp_path: Path, mo
 
 def check_tenancy_across_nodes(
     server: RedisServer, nodes, users, tmp_path: Path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     password_file = tmp_path / "tier.password"
     password_file.touch(mode=0o600)
     password_file.write_text(SECRET + "\n")
@@ -731,7 +733,7 @@ def check_tenancy_across_nodes(
 
 def test_a_daemonized_mount_keeps_the_password_out_of_sight(
     make_mount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The daemon forks from the command that parsed the options: check that path too."""
     server = RedisServer(tmp_path / "redis", password=SECRET)
     server.start()
@@ -783,7 +785,7 @@ def sent_by(client: redis.Redis) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
 
-def test_hostile_sizes_and_numbers_are_refused_unread(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_sizes_and_numbers_are_refused_unread(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     large = os.urandom(32 * MIB)
     put_object(client, large)
@@ -825,7 +827,7 @@ def peak_memory(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_concurrent_large_fetches_hold_bounded_memory(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_large_fetches_hold_bounded_memory(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     blobs = {f"triton/LARGE{i}": os.urandom(48 * MIB) for i in range(4)}
     for entry, blob in blobs.items():
@@ -929,7 +931,7 @@ class ThrottledProxy:
             sock.close()
 
 
-def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_a_fetch_abandoned_by_its_lookup_stops_reading(redis_server: RedisServer, nodes) -> None:
     client = redis_server.client()
     blob = os.urandom(64 * MIB)
     put_object(client, blob)
@@ -970,7 +972,7 @@ def fx_counts(result: dict[str, Any]) -> tuple[int, int]:
 
 
 @pytest.mark.compilers
-def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> None:
     # A generous budget: this test is about what is shared, not about speed.
     args = ("--remote", redis_server.url, "--remote-timeout", "5")
     a = nodes("a-store", *args)
@@ -1007,7 +1009,7 @@ def test_node_b_hits_what_node_a_compiled(redis_server: RedisServer, nodes) -> N
 
 
 @pytest.mark.compilers
-def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer, nodes) -> None:
     a = nodes("a-store", "--remote", redis_server.url)
     client = redis_server.client()
     job = subprocess.Popen(
@@ -1061,7 +1063,7 @@ def test_redis_killed_mid_job_then_publishing_resumes(redis_server: RedisServer,
 
 
 @pytest.mark.compilers
-def test_tampered_object_is_refused_and_repaired(redis_server: RedisServer, nodes) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_object_is_refused_and_repaired(redis_server: RedisServer, nodes) -> None:
     args = ("--remote", redis_server.url, "--remote-timeout", "5")
     a = nodes("a-store", *args)
     cold = compile_triton(a)

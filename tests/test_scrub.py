@@ -66,7 +66,7 @@ def read_or_error(path: Path) -> bytes | OSError:
         return exc
 
 
-def mount_with_entry(make_mount, tag: bytes) -> tuple[Mount, Path, dict[str, bytes]]:  # type: ignore[no-untyped-def]
+def mount_with_entry(make_mount, tag: bytes) -> tuple[Mount, Path, dict[str, bytes]]:
     """A mount without a scrub, holding one Triton entry triton/KEY of three files."""
     mount: Mount = make_mount(*OFF)
     key = mount / "triton" / "KEY"
@@ -86,7 +86,7 @@ def write_entry(key: Path, tag: bytes) -> dict[str, bytes]:
 
 
 def test_the_scrub_finds_a_flipped_bit_in_an_object_verified_in_an_earlier_mount(
-    make_mount,  # type: ignore[no-untyped-def]
+    make_mount,
 ) -> None:
     mount, key, files = mount_with_entry(make_mount, b"A")
     assert (key / "k.cubin").read_bytes() == files["k.cubin"]
@@ -127,7 +127,7 @@ def test_the_scrub_finds_a_flipped_bit_in_an_object_verified_in_an_earlier_mount
 
 
 def test_an_object_written_before_a_kill_is_hashed_before_its_first_byte_is_served(
-    make_mount,  # type: ignore[no-untyped-def]
+    make_mount,
 ) -> None:
     mount, key, files = mount_with_entry(make_mount, b"B")
     mount.kill()  # unclean: the marks this mount made may vouch for bytes never on disk
@@ -145,7 +145,7 @@ def test_an_object_written_before_a_kill_is_hashed_before_its_first_byte_is_serv
 
 
 def test_a_clean_remount_trusts_what_was_verified_and_an_unclean_one_only_what_was_clean(
-    make_mount,  # type: ignore[no-untyped-def]
+    make_mount,
 ) -> None:
     mount, clean_key, clean_files = mount_with_entry(make_mount, b"C")
     mount.stop()

@@ -33,11 +33,11 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 from mithrilfs import metrics, stats
 from mithrilfs.repository import INDEX_NAME, holder_pid
 from tests.conftest import Mount, run_cli, wait_for
+from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_CLASS = "cuda-sm90"
@@ -186,7 +186,7 @@ def counters_only(summary: dict[str, Any], *leave_out: str) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in ("saved_at", *leave_out)}
 
 
-def metrics_mount(make_mount, *extra: str, name: str = "m") -> tuple[Mount, Observer]:  # type: ignore[no-untyped-def]
+def metrics_mount(make_mount, *extra: str, name: str = "m") -> tuple[Mount, Observer]:
     port = free_port()
     mount: Mount = make_mount(
         "--device-class", DEVICE_CLASS, "--metrics-listen", f"127.0.0.1:{port}", *extra, name=name
@@ -198,7 +198,7 @@ def metrics_mount(make_mount, *extra: str, name: str = "m") -> tuple[Mount, Obse
 
 
 @pytest.mark.compilers
-def test_triton_compile_is_counted_and_counters_survive_remount(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_triton_compile_is_counted_and_counters_survive_remount(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     env = cache_env(mount.mountpoint)
     start = observer.settled()
@@ -244,7 +244,7 @@ def test_triton_compile_is_counted_and_counters_survive_remount(make_mount) -> N
 
 
 @pytest.mark.compilers
-def test_torch_compile_warm_run_hits_and_seals_nothing(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_torch_compile_warm_run_hits_and_seals_nothing(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     env = cache_env(mount.mountpoint)
     start = observer.settled()
@@ -275,7 +275,7 @@ def test_torch_compile_warm_run_hits_and_seals_nothing(make_mount) -> None:  # t
 # -- exact counts ---------------------------------------------------------------------------
 
 
-def test_counters_match_what_the_test_did(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_counters_match_what_the_test_did(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     rng = random.Random(7)
     copies, same = 5, rng.randbytes(64 * KiB)
@@ -331,7 +331,7 @@ def test_counters_match_what_the_test_did(make_mount) -> None:  # type: ignore[n
     assert sample(samples, "mithrilfs_opens_total", layout="inductor", device_class=dc) >= 3
 
 
-def test_objects_gauge_is_the_same_after_a_remount(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_objects_gauge_is_the_same_after_a_remount(make_mount) -> None:
     mount, observer = metrics_mount(make_mount)
     (mount / "triton" / "f").write_bytes(b"one object")
     before = observer.settled()
@@ -340,7 +340,7 @@ def test_objects_gauge_is_the_same_after_a_remount(make_mount) -> None:  # type:
     assert after["objects"] == before["objects"], (before["objects"], after["objects"])
 
 
-def test_expiry_is_counted_with_reason_max_age(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_expiry_is_counted_with_reason_max_age(make_mount) -> None:
     import sqlite3
 
     mount, observer = metrics_mount(make_mount)
@@ -378,7 +378,7 @@ def test_expiry_is_counted_with_reason_max_age(make_mount) -> None:  # type: ign
 # -- reading never disturbs -----------------------------------------------------------------
 
 
-def test_reading_stats_does_not_disturb_a_writing_mount(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_reading_stats_does_not_disturb_a_writing_mount(make_mount) -> None:
     mount: Mount = make_mount()
     index = mount.store / INDEX_NAME
     rng = random.Random(3)
@@ -431,7 +431,7 @@ def test_reading_stats_does_not_disturb_a_writing_mount(make_mount) -> None:  # 
 # -- the text form ------------------------------------------------------------------------------
 
 
-def test_stats_text_form(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_stats_text_form(make_mount) -> None:
     mount: Mount = make_mount("--cap", "64M")
     (mount / "triton" / "K").mkdir()
     for i in range(3):
@@ -488,7 +488,7 @@ def test_stats_text_of_a_store_never_served() -> None:
 # -- the Prometheus exposition -----------------------------------------------------------------
 
 
-def test_metrics_exposition_follows_conventions(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_exposition_follows_conventions(make_mount) -> None:
     mount, observer = metrics_mount(make_mount, "--cap", "64M")
     # Published before the mount reports ready: no zeros in the first second.
     text, content_type = fetch_metrics(observer.port or 0)
@@ -552,7 +552,7 @@ def log_levels(text: str) -> set[str]:
     return set(re.findall(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR) ", text, re.MULTILINE))
 
 
-def test_log_level_selects_what_is_logged(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_log_level_selects_what_is_logged(make_mount) -> None:
     debug: Mount = make_mount("--log-level", "DEBUG", name="debug")
     default: Mount = make_mount(name="default")
     quiet: Mount = make_mount("--log-level", "WARNING", name="quiet")

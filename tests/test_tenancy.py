@@ -41,7 +41,7 @@ from tests.conftest import REPO, Mount, older_version_mount, run_cli, wait_for
 
 
 @pytest.fixture
-def open_mount(public_dir: Path, make_mount):  # type: ignore[no-untyped-def]
+def open_mount(public_dir: Path, make_mount):
     """make_mount, with the mountpoint where every test user can reach it.
 
     public_dir comes first: set up before make_mount, it is torn down after
@@ -584,6 +584,7 @@ def test_entries_in_private_trees_are_keyed_like_shared_ones(tmp_path: Path) -> 
             key = index.make_node(triton.id, b"KEY", stat.S_IFDIR | 0o755, 1, 1)
             first = index.make_node(key.id, b"k.so", stat.S_IFREG | 0o644, 1, 1)
             second = index.make_node(key.id, b"k.json", stat.S_IFREG | 0o644, 1, 1)
+        assert first.entry is not None
         assert first.entry == second.entry
         assert index.entry_table()[first.entry][1] == key.id  # the key directory is the entry
         assert index.tree_path(key.id) == ("mtu_a", [b"triton", b"KEY"])

@@ -133,7 +133,7 @@ def run_workload(env: dict[str, str]) -> dict[str, Any]:
 
 
 @pytest.mark.compilers
-def test_imported_inductor_cache_is_hit_through_the_mount(tmp_path: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_imported_inductor_cache_is_hit_through_the_mount(tmp_path: Path, make_mount) -> None:
     cache = tmp_path / "torchinductor"
     cold = run_workload(compile_env(cache, tmp_path / "triton-cold"))
     assert cold["inductor"].get("fxgraph_cache_miss", 0) > 0, cold
@@ -185,7 +185,7 @@ def make_tree(root: Path) -> None:
             os.utime(path, ns=(mtime, mtime + offset * 1_000_001), follow_symlinks=False)
 
 
-def test_export_import_round_trip_is_exact(tmp_path: Path, make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_export_import_round_trip_is_exact(tmp_path: Path, make_mount) -> None:
     src = tmp_path / "src"
     src.mkdir()
     make_tree(src)
@@ -232,7 +232,7 @@ def test_import_detects_an_archive_by_magic(tmp_path: Path) -> None:
 
 def test_hard_links_special_nodes_and_xattrs_survive_export_and_import(
     tmp_path: Path,
-    make_mount,  # type: ignore[no-untyped-def]
+    make_mount,
 ) -> None:
     """Hard links come back as one inode (nlink 3, one object); FIFOs and device nodes
     as tar's own types; user.* attributes in PAX records; sockets are skipped, counted."""
@@ -469,7 +469,7 @@ def test_bad_input_is_one_line(tmp_path: Path, args: tuple[str, ...], expected: 
     assert_fsck_clean(store)
 
 
-def test_import_into_a_mounted_store_points_at_the_mount(tmp_path: Path, mount) -> None:  # type: ignore[no-untyped-def]
+def test_import_into_a_mounted_store_points_at_the_mount(tmp_path: Path, mount) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"a")

@@ -147,7 +147,7 @@ def test_a_copy_on_write_seed_falls_back_and_o_trunc_starts_afresh(repo: Reposit
     assert files.seals_read_back == 0
     # Appending to sealed content seeds the staging copy with it: hashed at seal.
     appended = write_and_seal(
-        repo, files, ino, lambda fh: files.write(fh, 13, b" and more"), os.O_WRONLY
+        repo, files, ino, lambda fh: _ignore(files.write(fh, 13, b" and more")), os.O_WRONLY
     )
     assert appended == b"first version and more"
     assert files.seals_read_back == 1
@@ -157,3 +157,7 @@ def test_a_copy_on_write_seed_falls_back_and_o_trunc_starts_afresh(repo: Reposit
     )
     assert rewritten == b"second"
     assert files.seals_read_back == 1
+
+
+def _ignore(_written: int) -> None:
+    """A write step for `write_and_seal`, which wants no result."""

@@ -38,7 +38,7 @@ def main() -> int:
 
     events: list[dict[str, object]] = []
 
-    def listener(*, src, metadata, metadata_group, times, cache_hit):  # type: ignore[no-untyped-def]
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
         events.append({"cache_hit": bool(cache_hit), "group": sorted(metadata_group)})
 
     triton.knobs.compilation.listener = listener
