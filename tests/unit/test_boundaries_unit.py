@@ -125,3 +125,57 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
         "stray.py:5: b'd%d'",
         "stray.py:5: b'triton'",
     ]
+
+
+# -- imports run one way ------------------------------------------------------------------
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def layer_of_each_module() -> dict[str, int]:
+    """Module (or package) name -> its row in docs/architecture.md's table of pieces.
+
+    The table is the contract: a module imports only modules in its own row
+    or below it.
+    """
+    pieces = ARCHITECTURE.read_text().split("## A request")[0]
+    rows = [line for line in pieces.splitlines() if line.startswith("| `")]
+    layers: dict[str, int] = {}
+    for row_number, row in enumerate(rows):
+        for name in re.findall(r"`([a-z_]+)(?:\.py|/)`", row.split("|")[1]):
+            layers[name] = row_number
+    return layers
+
+
+def upward_imports(layers: dict[str, int]) -> list[str]:
+    found = []
+    for path in modules():
+        importer = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if importer in ("__init__", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.module):
+                continue
+            parts = node.module.split(".")
+            if parts[0] != "mithrilfs":
+                continue
+            targets = parts[1:2] or [alias.name for alias in node.names]
+            for target in targets:
+                if target == importer or target.startswith("__"):
+                    continue
+                where = f"{path.relative_to(PACKAGE)}:{node.lineno} imports {target}"
+                if importer not in layers or target not in layers:
+                    found.append(f"{where}: not in docs/architecture.md's table")
+                elif layers[target] < layers[importer]:
+                    found.append(f"{where}, which is above it in docs/architecture.md")
+    return found
+
+
+def test_every_module_is_in_the_table_and_imports_only_downwards() -> None:
+    assert upward_imports(layer_of_each_module()) == []
+
+
+def test_the_import_check_finds_an_upward_import() -> None:
+    layers = layer_of_each_module()
+    layers["index"], layers["fs"] = layers["fs"], layers["index"]
+    assert any("imports index" in problem for problem in upward_imports(layers))
