@@ -338,10 +338,16 @@ USER_VENV_EXTRAS = ("torch", "triton", "numpy")
 USER_VENV_BUILD_TIMEOUT = 1800
 
 
-def _user_venv_requirements() -> list[str]:
+def project_requirements(*extras: str) -> list[str]:
+    """pyproject.toml's dependencies and those of *extras*, as pip requirements."""
     with open(REPO / "pyproject.toml", "rb") as project:
         project_table = tomllib.load(project)["project"]
-    return sorted([*project_table["dependencies"], *USER_VENV_EXTRAS])
+    optional = project_table["optional-dependencies"]
+    return [*project_table["dependencies"], *(r for extra in extras for r in optional[extra])]
+
+
+def _user_venv_requirements() -> list[str]:
+    return sorted([*project_requirements(), *USER_VENV_EXTRAS])
 
 
 @pytest.fixture(scope="session")
