@@ -285,22 +285,34 @@ def traversable_tmp(tmp_path: Path) -> None:
         directory.chmod(0o755)
 
 
+# public_dir's directories, removed at the end of the session: a test's mounts
+# in one are torn down after the fixture itself (make_mount is set up first),
+# so only then is nothing below it mounted or in use by a daemon.
+_PUBLIC_DIRS: list[Path] = []
+
+
 @pytest.fixture
-def public_dir() -> Iterator[Path]:
+def public_dir() -> Path:
     """A directory every user can traverse, for mountpoints that other users reach.
 
     Outside pytest's temp root, which is 0700 and which a concurrent pytest
-    session of the same user locks again (chmod 0700) when it starts.  Only
-    empty directories are removed afterwards: never anything below a mount.
+    session of the same user locks again (chmod 0700) when it starts.
     """
     path = Path(tempfile.mkdtemp(prefix="mithrilfs-public-", dir="/var/tmp"))
     path.chmod(0o755)
-    yield path
-    for child in path.iterdir():
-        with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        path.rmdir()
+    _PUBLIC_DIRS.append(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_public_dirs() -> Iterator[None]:
+    yield
+    with open("/proc/mounts") as table:
+        mounted = [line.split()[1] for line in table]
+    for path in _PUBLIC_DIRS:
+        # Never anything below a mount that is still there (a failed unmount).
+        if not any(m == str(path) or m.startswith(f"{path}/") for m in mounted):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
