@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import io
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -283,6 +284,24 @@ def traversable_tmp(tmp_path: Path) -> None:
         if directory == Path("/tmp"):
             break
         directory.chmod(0o755)
+
+
+@contextlib.contextmanager
+def login_less_users(*names: str) -> Iterator[dict[str, pwd.struct_passwd]]:
+    """Real users with no home and no login shell (useradd), removed again even on
+    failure, and first, in case a killed run left them behind."""
+    try:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True, check=False)
+            subprocess.run(
+                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                capture_output=True,
+                check=True,
+            )
+        yield {name: pwd.getpwnam(name) for name in names}
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True, check=False)
 
 
 # public_dir's directories, removed at the end of the session: a test's mounts

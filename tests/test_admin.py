@@ -28,7 +28,7 @@ import pytest
 
 from mithrilfs import adminsock
 from mithrilfs.repository import Repository
-from tests.conftest import REPO, Mount, run_cli, wait_for
+from tests.conftest import REPO, Mount, login_less_users, run_cli, wait_for
 
 USERS = ("mta_a", "mta_b")
 DEVICE_CLASS = "cuda-sm90"
@@ -64,27 +64,11 @@ def user_source() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-def _remove_user(name: str) -> None:
-    with contextlib.suppress(KeyError):
-        pwd.getpwnam(name)
-        subprocess.run(["userdel", name], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def users() -> Iterator[dict[str, pwd.struct_passwd]]:
     """The test users, made for this module and removed afterwards, even on failure."""
-    try:
-        for name in USERS:
-            _remove_user(name)  # left over from a run that was killed
-            subprocess.run(
-                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                check=True,
-                capture_output=True,
-            )
-        yield {name: pwd.getpwnam(name) for name in USERS}
-    finally:
-        for name in USERS:
-            _remove_user(name)
+    with login_less_users(*USERS) as made:
+        yield made
 
 
 class User:

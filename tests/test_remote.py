@@ -46,7 +46,7 @@ import trio
 from mithrilfs import remote, stats
 from mithrilfs.index import SUPER_ROOT
 from mithrilfs.repository import INDEX_NAME, Repository
-from tests.conftest import Mount, run_cli, wait_for
+from tests.conftest import Mount, login_less_users, run_cli, wait_for
 from tests.redis_server import RedisCluster, RedisServer, free_port
 from tests.test_compilers import TORCH_MLP, TRITON_KERNEL, cache_env, run_workload
 
@@ -568,18 +568,8 @@ def users(tmp_path: Path) -> Iterator[dict[str, pwd.struct_passwd]]:
         if directory == Path("/tmp"):
             break
         directory.chmod(0o755)
-    try:
-        for name in USERS:
-            subprocess.run(["userdel", name], capture_output=True, check=False)  # a killed run's
-            subprocess.run(
-                ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                capture_output=True,
-                check=True,
-            )
-        yield {name: pwd.getpwnam(name) for name in USERS}
-    finally:
-        for name in USERS:
-            subprocess.run(["userdel", name], capture_output=True, check=False)
+    with login_less_users(*USERS) as made:
+        yield made
 
 
 def as_user(name: str, *command: str) -> subprocess.CompletedProcess[str]:
