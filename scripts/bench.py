@@ -80,10 +80,11 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_SCRIPTS = Path(__file__).resolve().parent / "bench_workloads"
@@ -100,8 +101,14 @@ UNMOUNT_DEADLINE = 60.0
 SUBPROCESS_TIMEOUT = 900.0
 SMALL_FILE = 16 * 1024  # "small file" for the re-read target
 
+# A run's settings: (measured, warm-up) repetitions per workload, and sizes
+# (ints, tuples of them), so a value's type depends on its key.
+Config = dict[str, Any]
+# A JSON object: a workload's printed line, a scale row, the run's notes.
+JsonObject = dict[str, Any]
+
 # (measured repetitions, warm-up repetitions dropped) per workload.
-DEFAULTS = {
+DEFAULTS: dict[str, Config] = {
     "full": {
         "torch_mlp": (3, 1),
         "torch_transformer": (3, 1),
@@ -163,7 +170,7 @@ def log(message: str) -> None:
 # -- statistics ------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 1]."""
     if not values:
         return float("nan")
@@ -228,9 +235,9 @@ class Metric:
 class Results:
     def __init__(self) -> None:
         self.metrics: dict[tuple[str, str, str], Metric] = {}
-        self.scale: list[dict[str, object]] = []
+        self.scale: list[JsonObject] = []
         self.errors: dict[str, str] = {}
-        self.notes: dict[str, object] = {}
+        self.notes: JsonObject = {}
 
     def add(
         self,
@@ -511,12 +518,12 @@ def rss_kib(pid: int | None) -> dict[str, int]:
 # -- subprocess workloads --------------------------------------------------------
 
 
-def run_python(script: str, args: list[str], env_extra: dict[str, str]) -> tuple[float, dict]:
+def run_python(script: str, args: list[str], env_extra: dict[str, str]) -> tuple[float, JsonObject]:
     """Run a workload script in a fresh python; return (wall seconds, its JSON line)."""
     return run_timed([os.fspath(WORKLOAD_SCRIPTS / script), *args], env_extra)
 
 
-def run_timed(args: list[str], env_extra: dict[str, str]) -> tuple[float, dict]:
+def run_timed(args: list[str], env_extra: dict[str, str]) -> tuple[float, JsonObject]:
     """Run python with *args*; return (wall seconds, the last JSON line it printed)."""
     env = dict(os.environ)
     env.update(env_extra)
@@ -553,7 +560,7 @@ def sides(rep: int) -> tuple[str, str]:
 
 
 def bench_compile(
-    workload: str, cfg: dict, base: Path, results: Results, profile_dir: Path | None
+    workload: str, cfg: Config, base: Path, results: Results, profile_dir: Path | None
 ) -> None:
     measured, warmup = cfg[workload]
     if workload == "triton":
@@ -595,7 +602,7 @@ def bench_compile(
 
 def _compile_runs(
     script: str, args: list[str], root: Path, remount: Callable[[], None]
-) -> dict[str, tuple[float, dict]]:
+) -> dict[str, tuple[float, JsonObject]]:
     """cold: empty cache; warm: a second process; remount: a third, after a fresh mount.
 
     "remount" is the first job after the daemon restarted (node reboot,
@@ -677,7 +684,7 @@ def daemon_cost(
         results.add(workload, "daemon requests", phase, "req", "mount", total)
 
 
-def bench_ranks(cfg: dict, base: Path, results: Results) -> None:
+def bench_ranks(cfg: Config, base: Path, results: Results) -> None:
     """N ranks started together (torchrun, gloo, CPU), each torch.compiling the same model."""
     measured, warmup = cfg["ranks"]
     for n in cfg["rank_counts"]:
@@ -715,7 +722,7 @@ def bench_ranks(cfg: dict, base: Path, results: Results) -> None:
                         mount.stop()
 
 
-def _torchrun(n: int, root: Path) -> tuple[float, dict]:
+def _torchrun(n: int, root: Path) -> tuple[float, JsonObject]:
     env = {
         **cache_env(root),
         # One compile process per rank: eight ranks with a worker pool each
@@ -747,7 +754,7 @@ def sequential_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bench_large(cfg: dict, base: Path, results: Results) -> None:
+def bench_large(cfg: Config, base: Path, results: Results) -> None:
     """Sequential read of one 256 MiB file (an AOTInductor package, a big .so).
 
     cold: the first read after a fresh mount, with the file's pages (natively)
@@ -863,8 +870,8 @@ def write_tree(dest: Path, files: list[tuple[str, int]], seed: int = 99) -> None
 
 
 def stat_pass(paths: list[str]) -> list[int]:
-    clock, st, out = time.perf_counter_ns, os.stat, []
-    append = out.append
+    out: list[int] = []
+    clock, st, append = time.perf_counter_ns, os.stat, out.append
     for path in paths:
         t0 = clock()
         st(path)
@@ -929,7 +936,7 @@ def write_rename_pass(root: Path, sizes: list[int], rng: random.Random) -> list[
     return out
 
 
-def bench_tree(cfg: dict, base: Path, results: Results, profile_dir: Path | None) -> None:
+def bench_tree(cfg: Config, base: Path, results: Results, profile_dir: Path | None) -> None:
     measured, warmup = cfg["tree"]
     work = base / "tree-src"
     work.mkdir()
@@ -1103,7 +1110,7 @@ def scale_names(n_files: int, per_leaf: int = 4) -> Iterator[tuple[str, str, str
             made += 1
 
 
-def build_scale_store(store: Path, device_class: str, n_files: int) -> dict[str, object]:
+def build_scale_store(store: Path, device_class: str, n_files: int) -> JsonObject:
     """Fill a new store's index with *n_files* empty files, offline, through its own API.
 
     Uses ``Index.make_node`` (what the daemon's create/mkdir do), so the
@@ -1215,7 +1222,7 @@ def _prepare_scale(base: Path, n_files: int, samples: int) -> ScaleStore:
     )
 
 
-def bench_scale(cfg: dict, base: Path, results: Results) -> None:
+def bench_scale(cfg: Config, base: Path, results: Results) -> None:
     """Build every store first, then rotate through the sizes in each repetition."""
     measured, warmup = cfg["scale"]
     stores = [_prepare_scale(base, n, cfg["scale_samples"]) for n in cfg["scale_sizes"]]

@@ -443,6 +443,14 @@ METRICS = {
     "mithrilfs_evictions_total",
     "mithrilfs_evicted_bytes_total",
     "mithrilfs_integrity_failures_total",
+    "mithrilfs_request_verifications_total",
+    "mithrilfs_request_verified_bytes_total",
+    "mithrilfs_scrub_verified_bytes_total",
+    "mithrilfs_scrub_findings_total",
+    "mithrilfs_scrub_passes_total",
+    "mithrilfs_scrub_pass_started",
+    "mithrilfs_scrub_pass_bytes",
+    "mithrilfs_scrub_last_finding",
     "mithrilfs_logical_bytes",
     "mithrilfs_store_bytes",
     "mithrilfs_object_bytes",
@@ -457,6 +465,18 @@ def test_grafana_dashboard_is_valid_and_uses_only_exported_metrics() -> None:
     panels = dashboard["panels"]
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()  # the 24-column grid's cells that panels cover
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        covered = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not covered & cells, panel["title"]
+        cells |= covered
     used: set[str] = set()
     for panel in panels:
         if panel["type"] == "row":
@@ -467,7 +487,7 @@ def test_grafana_dashboard_is_valid_and_uses_only_exported_metrics() -> None:
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
     assert used <= METRICS, used - METRICS
     titles = " ".join(panel["title"].lower() for panel in panels)
-    for wanted in ("hit rate", "cap", "evictions", "dedup", "per node"):
+    for wanted in ("hit rate", "cap", "evictions", "dedup", "per node", "scrub"):
         assert wanted in titles, wanted
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"datasource", "instance", "device_class"} <= variables

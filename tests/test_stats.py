@@ -488,6 +488,51 @@ def test_stats_text_of_a_store_never_served() -> None:
 # -- the Prometheus exposition -----------------------------------------------------------------
 
 
+# What the dashboard's queries may call besides metrics, and the clauses that list labels.
+PROMQL_FUNCTIONS = frozenset({"sum", "min", "max", "rate", "increase", "clamp_max"})
+PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset"})
+PROMQL_GROUPING = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str], set[str]]:
+    """The metric names, label names and functions that a PromQL query uses."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values: "$instance", "hit"
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range durations: [$__rate_interval]
+    labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", expr))
+    for group in re.findall(PROMQL_GROUPING, expr):
+        labels |= set(re.findall(r"\w+", group))
+    expr = re.sub(r"\{[^}]*\}", "", re.sub(PROMQL_GROUPING, "", expr))
+    functions = set(re.findall(r"([a-zA-Z_]\w*)\s*\(", expr))
+    names = set(re.findall(r"\b([a-zA-Z_:][\w:]*)\b(?!\s*\()", expr)) - PROMQL_KEYWORDS
+    return names, labels, functions
+
+
+def dashboard_queries() -> list[str]:
+    """Every query of the Grafana dashboard: its panels' and its variables'."""
+    dashboard = json.loads((REPO / "docs/grafana-dashboard.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            # label_values(SELECTOR, LABEL) asks what `sum by (LABEL) (SELECTOR)` would group.
+            found = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable["query"]["query"])
+            assert found, variable
+            queries.append(f"sum by ({found[2]}) ({found[1]})")
+    return queries
+
+
+def test_promql_names_sees_every_name_of_a_query() -> None:
+    query = (
+        'clamp_max(sum by (instance) (mithrilfs_scrub_pass_bytes{instance=~"$instance"}) / '
+        "sum by (instance) (rate(mithrilfs_objcts[$__rate_interval])), 1) > bool 0"
+    )
+    names, labels, functions = promql_names(query)
+    assert names == {"mithrilfs_scrub_pass_bytes", "mithrilfs_objcts"}
+    assert labels == {"instance"}
+    assert functions == {"clamp_max", "sum", "rate"}
+    names, labels, _ = promql_names('sum by (kind) (mithrilfs_cache_entries_total{reslt="hit"})')
+    assert (names, labels) == ({"mithrilfs_cache_entries_total"}, {"kind", "reslt"})
+
+
 def test_metrics_exposition_follows_conventions(make_mount) -> None:
     mount, observer = metrics_mount(make_mount, "--cap", "64M")
     # Published before the mount reports ready: no zeros in the first second.
@@ -543,6 +588,16 @@ def test_metrics_exposition_follows_conventions(make_mount) -> None:
     for doc in ("docs/operations.md", "docs/grafana-dashboard.json"):
         documented |= set(re.findall(r"mithrilfs_[a-z_]*[a-z]", (REPO / doc).read_text()))
     assert documented <= exposed, documented - exposed
+    # Every query of the dashboard asks for metrics, labels and functions that exist, so a
+    # misspelt name fails here instead of drawing an empty panel.
+    labels_exposed = {"instance", "job", "device_class", "tree"}  # the scrape adds the first two
+    labels_exposed |= {label for _help, names in stats.COUNTERS.values() for label in names}
+    for query in dashboard_queries():
+        names, labels, functions = promql_names(query)
+        assert names, query
+        assert names <= exposed, (query, names - exposed)
+        assert labels <= labels_exposed, (query, labels - labels_exposed)
+        assert functions <= PROMQL_FUNCTIONS, (query, functions - PROMQL_FUNCTIONS)
 
 
 # -- logging --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ pyfuse3 and trio add per request (the daemon is single-threaded).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -48,7 +49,8 @@ class Counter:
             if time.monotonic() > deadline:
                 raise RuntimeError("the counting daemon did not answer SIGUSR2")
             time.sleep(0.005)
-        return json.loads(self.path.read_text())
+        counts: dict[str, list[int]] = json.loads(self.path.read_text())
+        return counts
 
 
 def main() -> int:
@@ -136,13 +138,13 @@ def main() -> int:
                 measure(
                     f"{workload} cold (process)",
                     1,
-                    lambda s=script, a=script_args: bench.run_python(s, a, env),
+                    functools.partial(bench.run_python, script, script_args, env),
                 )
                 mount.remount()
                 measure(
                     f"{workload} warm (process)",
                     1,
-                    lambda s=script, a=script_args: bench.run_python(s, a, env),
+                    functools.partial(bench.run_python, script, script_args, env),
                 )
     finally:
         try:

@@ -21,13 +21,13 @@ def main() -> int:
     from triton.compiler import ASTSource
 
     @triton.jit
-    def add_kernel(x, y, out, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def add_kernel(x, y, out, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         tl.store(out + offs, tl.load(x + offs, mask=mask) + tl.load(y + offs, mask=mask), mask=mask)
 
     @triton.jit
-    def softmax_kernel(out, inp, stride, n_cols, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def softmax_kernel(out, inp, stride, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -37,7 +37,7 @@ def main() -> int:
         tl.store(out + row * stride + cols, num / tl.sum(num, axis=0), mask=mask)
 
     @triton.jit
-    def layernorm_kernel(out, inp, w, b, stride, n_cols, eps, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def layernorm_kernel(out, inp, w, b, stride, n_cols, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -61,7 +61,7 @@ def main() -> int:
         sbk,
         sbn,
         scm,
-        scn,  # type: ignore[no-untyped-def]
+        scn,
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
