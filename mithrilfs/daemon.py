@@ -28,7 +28,7 @@ from mithrilfs.clock import clock_from
 from mithrilfs.errors import UserError
 from mithrilfs.eviction import default_cap
 from mithrilfs.fs import Operations
-from mithrilfs.index import SUPER_ROOT, Index
+from mithrilfs.index import SUPER_ROOT, Index, WalCheckpointer
 from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
 from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
@@ -42,6 +42,9 @@ from mithrilfs.tenancy import Trust
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 1.0
+# How soon after a commit its WAL frames are checkpointed (WalCheckpointer):
+# soon enough that a burst of writes never reaches the backstop in a request.
+CHECKPOINT_SECONDS = 0.1
 # Per-tree usage for /metrics walks every tree: a slow pace, off the request path.
 TREE_USAGE_SECONDS = 60.0
 SYSLOG_SOCKET = "/dev/log"
@@ -239,6 +242,8 @@ async def _serve_until_stopped(
         nursery.start_soon(_supervised, "eviction", services.evictor.run)
         nursery.start_soon(_supervised, "scrub", scrubber.run)
         nursery.start_soon(_housekeeping, ops, services, config, collector)
+        index_path = services.content.root / INDEX_NAME
+        nursery.start_soon(checkpoint_after_commits, services.index, index_path)
         # `mithrilfs stats` / `gc` / `evict` against this mount, and `whoami`.
         await nursery.start(adminsock.serve, admin_socket, admin.handle)
         if services.remote is not None:
@@ -285,6 +290,25 @@ async def _housekeeping(
         except (sqlite3.Error, OSError) as exc:
             # A full disk must not take the mount down; try again next round.
             log.warning("housekeeping failed, will retry: %s", exc)
+
+
+async def checkpoint_after_commits(index: Index, path: Path) -> None:
+    """Checkpoint the index's WAL shortly after commits, in a worker thread."""
+    checkpointer = WalCheckpointer(path)
+    try:
+        seen = index.commits
+        while True:
+            await trio.sleep(CHECKPOINT_SECONDS)
+            if index.commits == seen:
+                continue
+            seen = index.commits
+            try:
+                await trio.to_thread.run_sync(checkpointer.checkpoint)
+            except sqlite3.Error as exc:
+                # A full disk: the backstop in the commit tries again later.
+                log.warning("checkpoint of the index failed, will retry: %s", exc)
+    finally:
+        checkpointer.close()
 
 
 async def _supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:

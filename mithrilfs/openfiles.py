@@ -456,21 +456,29 @@ class OpenFiles:
         assert state.staging_path is not None
         assert state.staging_fd is not None
         new_object = self.store.publish(state.staging_path, digest)
-        if new_object:
-            self._verified.add(digest)  # we just hashed these very bytes
-        # The staging fd now refers to the object file (or to a dropped
-        # duplicate): it must never be written again.
-        os.close(state.staging_fd)
+        # The staging fd now refers to the new object's file, which it keeps
+        # serving (and holding, against an eviction) from here on, never
+        # written again; a dropped duplicate's is closed.
+        staged_fd = state.staging_fd
         state.staging_fd, state.staging_path = None, None
         state.running_hash = None
-        # A new object's file holds the bytes just hashed: mark it verified
-        # in the same transaction (a duplicate's file was not looked at).
-        ctime = os.stat(self.store.object_path(digest)).st_ctime_ns if new_object else None
+        sealed_fd: int | None = None
+        ctime = None
+        if new_object:
+            sealed_fd = staged_fd
+            self._verified.add(digest)  # we just hashed these very bytes
+            # The file holds the bytes just hashed: marked verified in the
+            # same transaction (a duplicate's file was not looked at).
+            ctime = os.fstat(staged_fd).st_ctime_ns
+        else:
+            os.close(staged_fd)
         try:
             unused = self.index.set_content(
                 state.ino, digest, size, state.mtime_ns, verified_ctime=ctime
             )
         except BaseException:
+            if sealed_fd is not None:
+                os.close(sealed_fd)
             if new_object:  # no row will ever point at it
                 self.store.delete(digest)
                 self._verified.discard(digest)
@@ -479,7 +487,7 @@ class OpenFiles:
             self.store.delete(unused)
         if state.object_fd is not None:
             os.close(state.object_fd)
-        state.object_fd = self.store.open_object(digest)
+        state.object_fd = sealed_fd if sealed_fd is not None else self.store.open_object(digest)
         state.digest, state.size, state.dirty = digest, size, False
         for listener in self.listeners:
             listener.file_sealed(state.ino, size, new_object)

@@ -271,8 +271,12 @@ class ContentStore:
         already stored (then the staging file is simply dropped: dedup).
         """
         target = self.object_path(digest)
-        if target.exists():
-            staging_path.unlink()
+        try:
+            os.stat(target)
+        except FileNotFoundError:
+            pass
+        else:
+            os.unlink(staging_path)
             return False
         self._make_shard_dirs(target)
         os.chmod(staging_path, 0o400)

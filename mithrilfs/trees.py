@@ -214,11 +214,15 @@ class Trees:
         """
         if is_transient(name) or self.users is None:
             return []
+        # Asked at every mkdir, create and rename: the cheaper question first.
+        private_roots = self.index.private_roots(self.root)
+        if not private_roots:
+            return []
         tree, names = self.index.tree_path(parent)
         if tree != SHARED_TREE or not names:
             return []
         views = []
-        for _name, private_root in self.index.private_roots(self.root):
+        for _name, private_root in private_roots:
             view = self.index.walk(private_root, names)
             if view is not None:
                 views.append(view.id)
