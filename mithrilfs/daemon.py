@@ -295,6 +295,7 @@ async def _housekeeping(
 async def checkpoint_after_commits(index: Index, path: Path) -> None:
     """Checkpoint the index's WAL shortly after commits, in a worker thread."""
     checkpointer = WalCheckpointer(path)
+    failing = False
     try:
         seen = index.commits
         while True:
@@ -305,8 +306,15 @@ async def checkpoint_after_commits(index: Index, path: Path) -> None:
             try:
                 await trio.to_thread.run_sync(checkpointer.checkpoint)
             except sqlite3.Error as exc:
-                # A full disk: the backstop in the commit tries again later.
-                log.warning("checkpoint of the index failed, will retry: %s", exc)
+                # A full disk: tried again after the next commits (and by the
+                # backstop in a commit); said once, not ten times a second.
+                if not failing:
+                    log.warning("checkpoint of the index failed, will retry: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("checkpoints of the index work again")
+                failing = False
     finally:
         checkpointer.close()
 

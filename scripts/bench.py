@@ -50,10 +50,10 @@ Workloads (``--workloads``, comma-separated; default all but ranks):
       from the host page cache with POSIX_FADV_DONTNEED, so both sides read
       the disk) and warm (the next read, from the page cache).
 
-For ranks and large the mount's daemon runs under
-bench_workloads/counting_daemon.py: next to each wall time the table shows
-the daemon's CPU seconds (/proc/PID/stat) and the requests it answered in
-that phase.  The last column is the spread over the kept repetitions,
+For ranks, large and the compile workloads the mount's daemon runs under
+bench_workloads/counting_daemon.py (not with --profile): next to each wall
+time the table shows the daemon's CPU seconds (/proc/PID/stat) and the
+requests it answered in that phase.  The last column is the spread over the kept repetitions,
 min/median/max.
 
 Mounts are always unmounted in ``finally`` (fusermount3 -u, then -uz and
@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -81,7 +82,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -576,8 +577,25 @@ def bench_compile(
                     (root / sub).mkdir(parents=True)
                 runs = _compile_runs(script, args, root, lambda: None)
             else:
-                with mounted(base, f"{workload}-{rep}", profile_dir=profile_dir) as mount:
-                    runs = _compile_runs(script, args, mount.mountpoint, mount.remount)
+                # The daemon's CPU and requests per phase (the counting wrapper),
+                # unless it runs under cProfile instead.
+                mount = (
+                    Mount(base, f"{workload}-{rep}", profile_dir=profile_dir)
+                    if profile_dir is not None
+                    else CountedMount(base, f"{workload}-{rep}")
+                )
+                counted = mount if isinstance(mount, CountedMount) else None
+                mount.start()
+                try:
+                    runs = _compile_runs(
+                        script,
+                        args,
+                        mount.mountpoint,
+                        mount.remount,
+                        functools.partial(daemon_cost, results, workload, mount=counted, kept=kept),
+                    )
+                finally:
+                    mount.stop()
             for phase, (wall, info) in runs.items():
                 log(
                     f"  {workload} rep {rep}{'' if kept else ' (warm-up)'} {side:6} {phase}: "
@@ -601,17 +619,25 @@ def bench_compile(
 
 
 def _compile_runs(
-    script: str, args: list[str], root: Path, remount: Callable[[], None]
+    script: str,
+    args: list[str],
+    root: Path,
+    remount: Callable[[], None],
+    cost: Callable[[str], AbstractContextManager[None]] = lambda _phase: nullcontext(),
 ) -> dict[str, tuple[float, JsonObject]]:
     """cold: empty cache; warm: a second process; remount: a third, after a fresh mount.
 
     "remount" is the first job after the daemon restarted (node reboot,
-    upgrade): on the native side it is just a third warm process.
+    upgrade): on the native side it is just a third warm process.  *cost*
+    wraps each run (the daemon's CPU and requests on the mount side).
     """
     env = cache_env(root)
-    runs = {"cold": run_python(script, args, env), "warm": run_python(script, args, env)}
-    remount()
-    runs["remount"] = run_python(script, args, env)
+    runs = {}
+    for phase in ("cold", "warm", "remount"):
+        if phase == "remount":
+            remount()
+        with cost(phase):
+            runs[phase] = run_python(script, args, env)
     return runs
 
 

@@ -8,12 +8,15 @@ that changed was written by the background checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from mithrilfs import daemon
 from mithrilfs.index import SUPER_ROOT, Index, WalCheckpointer
@@ -101,3 +104,44 @@ def test_the_daemon_checkpoints_shortly_after_commits_and_not_when_idle(
         trio.run(scenario)
     finally:
         index.close()
+
+
+def test_a_failing_checkpoint_is_logged_once_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    index = _open(tmp_path)
+    db_file = tmp_path / "mithril.db"
+    attempts: list[bool] = []
+    attempted = trio.Event()
+    failures = 3  # like a full disk that gets room again
+
+    class FlakyCheckpointer(WalCheckpointer):
+        def checkpoint(self) -> int:  # runs in a worker thread
+            attempts.append(len(attempts) >= failures)
+            trio.from_thread.run_sync(attempted.set)
+            if len(attempts) <= failures:
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().checkpoint()
+
+    async def scenario() -> None:
+        nonlocal attempted
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.checkpoint_after_commits, index, db_file)
+            await trio.testing.wait_all_tasks_blocked()  # it has taken its starting count
+            for i in range(failures + 1):
+                _commit_dirs(index, 1, b"d%d-" % i)
+                with trio.fail_after(10):
+                    await attempted.wait()
+                attempted = trio.Event()
+            nursery.cancel_scope.cancel()
+
+    monkeypatch.setattr(daemon, "WalCheckpointer", FlakyCheckpointer)
+    caplog.set_level(logging.INFO, logger="mithrilfs.daemon")
+    try:
+        trio.run(scenario)
+    finally:
+        index.close()
+    assert attempts == [False, False, False, True]  # the task kept going after each failure
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("checkpoint of the index failed" in m for m in messages) == 1
+    assert any("work again" in m for m in messages)
