@@ -434,8 +434,10 @@ class Operations(pyfuse3.Operations):
         while node is not None and node.entry is not None:
             if node.entry in self.verified_entries:
                 break
+            changes = self.index.changes
             intact = await self._entry_intact(node.entry)
-            node = self.index.lookup(parent, name)
+            if self.index.changes != changes:
+                node = self.index.lookup(parent, name)
             if not intact and node is not None:
                 self.stats.inc("lookups_total", result="miss", layout=label, tree=tree)
                 raise FsError(errno.ENOENT)  # dropped: the compiler sees a clean miss

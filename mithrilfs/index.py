@@ -347,6 +347,20 @@ class Index(IndexReader):
         # Transactions committed since the index was opened (WalCheckpointer).
         self.commits = 0
 
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        node = super().lookup(parent, name)
+        if node is not None and node.is_dir:
+            self._extend_dir_path(parent, name, node.id)
+        return node
+
+    @property
+    def changes(self) -> int:
+        """Rows changed through this connection so far (the daemon's is the only writer).
+
+        Equal before and after an await: nothing was changed meanwhile.
+        """
+        return self.db.total_changes
+
     @classmethod
     def open(
         cls, path: Path, *, block_size: int = DEFAULT_BLOCK, busy_timeout: float | None = None
@@ -521,8 +535,15 @@ class Index(IndexReader):
     @contextmanager
     def transaction(self) -> Iterator[None]:
         outermost = not self.db.in_transaction
-        with _transaction(self.db):
-            yield
+        try:
+            with _transaction(self.db):
+                yield
+        except BaseException:
+            if outermost:
+                # Rolled back: a path remembered for a directory made in it
+                # would outlive its row, and the row's id may be given out again.
+                self._dir_paths.clear()
+            raise
         if outermost:
             self.commits += 1
 
@@ -640,6 +661,8 @@ class Index(IndexReader):
             "INSERT INTO entries(parent, name, inode) VALUES (?,?,?)", (parent, name, ino)
         )
         self._touch_dir(parent, now, nlink_delta=1 if stat.S_ISDIR(mode) else 0)
+        if stat.S_ISDIR(mode):
+            self._extend_dir_path(parent, name, ino)
         entry = self._place_in_entry(ino, parent, name, now) if stat.S_ISREG(mode) else None
         return Inode(ino, mode, uid, gid, nlink, size, now, now, now, digest, target, entry, rdev)
 
@@ -969,6 +992,23 @@ class Index(IndexReader):
             if link[0] == SUPER_ROOT:
                 return
             ino = link[0]
+
+    def _extend_dir_path(self, parent: int, name: bytes, directory: int) -> None:
+        """Remember *directory*'s path (its name is *name* in *parent*) from its parent's.
+
+        The kernel looks a path up one name at a time, so the parent's is
+        known (or walked once, for the first directory of a mount); this
+        spares the upward walk at each directory's first file.  Kept
+        consistent the way dir_path's own results are: a moved directory
+        clears them all, a removed one drops its own, a rollback clears them.
+        """
+        if directory in self._dir_paths:
+            return
+        if parent == SUPER_ROOT:  # a class root: its path starts below it
+            self._dir_paths[directory] = ([], [])
+            return
+        names, inodes = self.dir_path(parent)  # walked once per directory at most
+        self._dir_paths[directory] = ([*names, name], [*inodes, directory])
 
     def dir_path(self, directory: int) -> tuple[list[bytes], list[int]]:
         """Names and inodes from the class root (exclusive) down to *directory*.

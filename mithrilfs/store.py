@@ -213,11 +213,16 @@ class ContentStore:
     def has(self, digest: bytes) -> bool:
         return self.object_path(digest).exists()
 
-    def open_object(self, digest: bytes) -> int:
+    def _object_str(self, digest: bytes) -> str:
         # On the open path of every cache hit: plain strings, no pathlib.
         hexname = digest.hex()
-        path = f"{self._objects_str}/{hexname[:2]}/{hexname[2:4]}/{hexname}"
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return f"{self._objects_str}/{hexname[:2]}/{hexname[2:4]}/{hexname}"
+
+    def open_object(self, digest: bytes) -> int:
+        return os.open(self._object_str(digest), os.O_RDONLY | os.O_CLOEXEC)
+
+    def object_stat(self, digest: bytes) -> os.stat_result:
+        return os.stat(self._object_str(digest))
 
     def new_staging(self, inode: int) -> tuple[Path, int]:
         """Create an empty staging file for *inode*; return its path and a rw fd."""

@@ -395,3 +395,75 @@ def test_fsck_finds_and_repairs_what_the_index_methods_break(store: Store) -> No
     fsck.repair(report)
     assert store.check().clean
     assert store.index.lookup(store.root, b"f") is None
+
+
+# -- remembered directory paths -------------------------------------------------
+
+
+def _fresh_path(index: Index, directory: int) -> tuple[list[bytes], list[int]]:
+    """dir_path as the upward walk computes it, nothing remembered."""
+    reader = IndexReader(index.db)
+    names: list[bytes] = []
+    inodes: list[int] = []
+    node = reader.get(directory)
+    while True:
+        parent = index.parent_of(node.id)
+        if parent is None or parent == SUPER_ROOT:
+            break
+        name = next(n for n, ino in reader.names_in(parent) if ino == node.id)
+        names.append(name)
+        inodes.append(node.id)
+        node = reader.get(parent)
+    return names[::-1], inodes[::-1]
+
+
+def test_paths_learnt_from_lookups_and_mkdirs_match_the_walk(store: Store) -> None:
+    index = store.index
+    assert index.lookup(SUPER_ROOT, b"cuda-sm90") is not None
+    assert index.dir_path(store.root) == ([], []) == _fresh_path(index, store.root)
+    top = store.mkdir(store.root, b"inductor")
+    key = store.mkdir(top.id, b"ab")
+    leaf = store.mkdir(key.id, b"abcdef")
+    for node in (top, key, leaf):
+        assert index.dir_path(node.id) == _fresh_path(index, node.id)
+    # Moving a directory forgets what was learnt below it; lookups learn it again.
+    other = store.mkdir(store.root, b"triton")
+    index.rename(top.id, b"ab", other.id, b"cd", 0)
+    moved = index.lookup(other.id, b"cd")
+    assert moved is not None
+    found = index.lookup(moved.id, b"abcdef")
+    assert found is not None
+    assert index.dir_path(found.id) == ([b"triton", b"cd", b"abcdef"], [other.id, key.id, leaf.id])
+    assert index.dir_path(found.id) == _fresh_path(index, found.id)
+
+
+def test_a_rolled_back_mkdir_leaves_no_path_for_its_id(store: Store) -> None:
+    index = store.index
+    index.dir_path(store.root)
+    first = store.mkdir(store.root, b"inductor")
+    index.dir_path(first.id)
+    made: list[Inode] = []
+
+    def failing_request() -> None:
+        with index.transaction():
+            made.append(index.make_node(first.id, b"doomed", DIR, 0, 0))
+            raise RuntimeError("the request failed after its mkdir")
+
+    with pytest.raises(RuntimeError):
+        failing_request()
+    doomed = made[0]
+    # The id may be given out again, to a directory somewhere else.
+    again = store.mkdir(store.root, b"triton")
+    assert again.id == doomed.id  # SQLite reissues a rolled-back AUTOINCREMENT id
+    assert index.dir_path(again.id) == ([b"triton"], [again.id])
+    assert index.dir_path(again.id) == _fresh_path(index, again.id)
+
+
+def test_changes_count_writes_not_reads(store: Store) -> None:
+    index = store.index
+    before = index.changes
+    index.lookup(store.root, b"nothing")
+    index.get(store.root)
+    assert index.changes == before
+    store.mkdir(store.root, b"inductor")
+    assert index.changes > before
