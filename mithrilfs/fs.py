@@ -272,7 +272,7 @@ class Operations(pyfuse3.Operations):
         Checking at lookup, not only at open, matters: Triton stats every file
         of a group before it opens any, so a file that vanished only at open
         would crash it instead of being a miss.  An object with a valid
-        verification mark costs an fstat; only the others are hashed.
+        verification mark costs a stat; only the others are hashed.
         """
         if entry_id in self.verified_entries:
             return True
