@@ -297,12 +297,12 @@ async def checkpoint_after_commits(index: Index, path: Path) -> None:
     checkpointer = WalCheckpointer(path)
     failing = False
     try:
-        seen = index.commits
+        seen = index.changes
         while True:
             await trio.sleep(CHECKPOINT_SECONDS)
-            if index.commits == seen:
+            if index.changes == seen:
                 continue
-            seen = index.commits
+            seen = index.changes
             try:
                 await trio.to_thread.run_sync(checkpointer.checkpoint)
             except sqlite3.Error as exc:

@@ -344,8 +344,6 @@ class Index(IndexReader):
         # The mount epoch a serving daemon began (begin_epoch); None offline,
         # where nothing is marked verified.
         self.epoch: int | None = None
-        # Transactions committed since the index was opened (WalCheckpointer).
-        self.commits = 0
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         node = super().lookup(parent, name)
@@ -357,7 +355,8 @@ class Index(IndexReader):
     def changes(self) -> int:
         """Rows changed through this connection so far (the daemon's is the only writer).
 
-        Equal before and after an await: nothing was changed meanwhile.
+        Equal before and after an await: nothing was changed meanwhile.  The
+        WAL checkpointer asks the same to learn whether there is anything new.
         """
         return self.db.total_changes
 
@@ -544,8 +543,6 @@ class Index(IndexReader):
                 # would outlive its row, and the row's id may be given out again.
                 self._dir_paths.clear()
             raise
-        if outermost:
-            self.commits += 1
 
     # -- metadata ---------------------------------------------------------
 
