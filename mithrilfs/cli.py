@@ -47,6 +47,9 @@ T = TypeVar("T")
 _DAEMON_EXTRA_MODULES = frozenset({"pyfuse3", "redis", "zstandard"})
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_MOUNTPOINT = Path(hooks.DEFAULT_MOUNT)
+# --readahead: at least a page; at most what a sane reader would want in flight.
+READAHEAD_MIN = 4 << 10
+READAHEAD_MAX = 256 << 20
 
 # Options that mount(8) and fstab pass along and that mean nothing here.
 _IGNORED_MOUNT_OPTIONS = frozenset(
@@ -206,6 +209,13 @@ def _parser() -> argparse.ArgumentParser:
         "(the default); 0 turns it off",
     )
     mount.add_argument(
+        "--readahead",
+        metavar="SIZE",
+        help="how far the kernel reads ahead of a sequential reader, e.g. 1M; wider "
+        "means fewer, larger requests for big artifacts (default 4M, set only when "
+        "the daemon runs as root; between 4K and 256M)",
+    )
+    mount.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -244,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated mount options: allow_other, ro, "
         "device_class=NAME, store=DIR, log_level=LEVEL, remote=URL, "
         "remote_timeout=SECONDS, remote_password_file=FILE, trust=USER:@GROUP, "
-        "scrub_period=DURATION, scrub_rate=SIZE (fstab form)",
+        "scrub_period=DURATION, scrub_rate=SIZE, readahead=SIZE (fstab form)",
     )
     mount.add_argument(
         "--log-level",
@@ -367,7 +377,8 @@ def _store(options: argparse.Namespace) -> Path:
 
 
 def _cmd_mount(options: argparse.Namespace) -> int:
-    from mithrilfs.daemon import MountConfig, run_mount  # imports pyfuse3: only when mounting
+    # imports pyfuse3: only when mounting
+    from mithrilfs.daemon import DEFAULT_READAHEAD, MountConfig, run_mount
 
     settings = _parse_mount_options(options.mount_options)
     store = Path(settings.pop("store", "") or _store(options)).absolute()
@@ -394,6 +405,7 @@ def _cmd_mount(options: argparse.Namespace) -> int:
         trust=Trust.parse(settings.get("trust", options.trust), os.geteuid()),
         clock_offset_file=options.clock_offset_file,
         scrub=_scrub(settings, options),
+        readahead=_readahead(settings.get("readahead", options.readahead), DEFAULT_READAHEAD),
     )
     if options.expiry_interval is not None:
         config.expiry_seconds = options.expiry_interval
@@ -435,6 +447,15 @@ def _scrub(settings: dict[str, str], options: argparse.Namespace) -> ScrubConfig
     )
 
 
+def _readahead(text: str | None, default: int) -> int:
+    if text is None:
+        return default
+    size = parse_size(text)
+    if not READAHEAD_MIN <= size <= READAHEAD_MAX:
+        raise UserError(f"invalid readahead '{text}': must be between 4K and 256M", 2)
+    return size
+
+
 def _scrub_rate(text: str) -> int:
     return 0 if text.strip() == "0" else parse_size(text)
 
@@ -465,6 +486,7 @@ def _parse_mount_options(text: str) -> dict[str, str]:
         "trust",
         "scrub_period",
         "scrub_rate",
+        "readahead",
     }
     settings: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):

@@ -31,13 +31,14 @@ from mithrilfs.fs import Operations
 from mithrilfs.index import SUPER_ROOT, Index, WalCheckpointer
 from mithrilfs.layouts import LAYOUT_ROOTS, USERS_DIR, USERS_MODE
 from mithrilfs.metrics import SnapshotCollector, serve_metrics
-from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale
+from mithrilfs.mounts import find_mount, fusermount_unmount, is_stale, set_readahead
 from mithrilfs.remote import RemoteConfig
 from mithrilfs.repository import INDEX_NAME, Repository
 from mithrilfs.scrub import Scrubber, ScrubConfig
 from mithrilfs.services import Services, build_services
 from mithrilfs.stats import Snapshot, Stats, read_tree_usage
 from mithrilfs.tenancy import Trust
+from mithrilfs.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ TREE_USAGE_SECONDS = 60.0
 SYSLOG_SOCKET = "/dev/log"
 # How often max_age is enforced.
 EXPIRY_SECONDS = 60.0
+# The kernel's readahead window for the mount (--readahead; mounts.py says
+# why it matters): four of the largest READ requests libfuse negotiates, so a
+# sequential reader keeps the daemon busy while it copies what arrived.
+DEFAULT_READAHEAD = 4 << 20
 
 
 @dataclass
@@ -75,6 +80,7 @@ class MountConfig:
     expiry_seconds: float = EXPIRY_SECONDS
     clock_offset_file: Path | None = None
     scrub: ScrubConfig = field(default_factory=ScrubConfig)  # --scrub-period, --scrub-rate
+    readahead: int = DEFAULT_READAHEAD  # bytes (--readahead)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -250,6 +256,7 @@ async def _serve_until_stopped(
             await services.remote.connect()  # bounded: a tier that is down only starts a backoff
             nursery.start_soon(_supervised, "shared tier publishing", services.remote.run)
         services.evictor.wake()  # the cap may have been lowered since the last mount
+        nursery.start_soon(widen_readahead, config.mountpoint, config.readahead)
         ready()
         await pyfuse3.main()
         if services.remote is not None:
@@ -290,6 +297,22 @@ async def _housekeeping(
         except (sqlite3.Error, OSError) as exc:
             # A full disk must not take the mount down; try again next round.
             log.warning("housekeeping failed, will retry: %s", exc)
+
+
+async def widen_readahead(mountpoint: Path, size: int) -> None:
+    """Set the mount's readahead window once the kernel has our INIT reply."""
+    try:
+        # Its stat of the mountpoint returns only after INIT was answered;
+        # from then on the kernel leaves the window as set.
+        applied = await trio.to_thread.run_sync(
+            set_readahead, mountpoint, size, abandon_on_cancel=True
+        )
+    except PermissionError:
+        log.info("readahead window left at the kernel's default: only root may set it")
+    except OSError as exc:
+        log.warning("readahead window left at the kernel's default: %s", exc.strerror or exc)
+    else:
+        log.debug("readahead window %s", format_size(applied))
 
 
 async def checkpoint_after_commits(index: Index, path: Path) -> None:

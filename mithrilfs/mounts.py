@@ -1,7 +1,9 @@
-"""What the kernel's mount table says about a path.
+"""What the kernel knows about a mount: its entry in the mount table, and its
+readahead window.
 
-Used before mounting (is the mountpoint already in use, or left stale by a
-daemon that died?) and by `mithrilfs umount` to find the store behind a mount.
+The table is read before mounting (is the mountpoint already in use, or left
+stale by a daemon that died?) and by `mithrilfs umount` to find the store
+behind a mount.  The readahead window is set by the daemon once it serves.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FSTYPE = "fuse.mithrilfs"
+BDI_DIR = Path("/sys/class/bdi")
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -78,3 +82,36 @@ def fusermount_unmount(path: Path, *, lazy: bool = False) -> subprocess.Complete
     return subprocess.run(
         [*command, "--", os.fspath(path)], capture_output=True, text=True, check=False
     )
+
+
+# -- the readahead window ------------------------------------------------------
+#
+# A FUSE mount gets the kernel's default window (128 KiB) whatever the disk
+# under the store uses (8 MiB on this project's virtio disks), and each window
+# is one READ request: a 256 MiB artifact read cold costs 2048 round trips to
+# the daemon.  libfuse 3 lets a READ carry up to 1 MiB (max_pages 256), so a
+# wider window means fewer, larger requests, and several in flight.  The
+# window is a property of the mount's backing device info, in sysfs under the
+# mount's anonymous device number, and only root may change it.  The kernel
+# lowers it to what the daemon's INIT reply allows when it handles INIT, so it
+# is set after the daemon served its first request.
+
+
+def readahead_file(mountpoint: Path) -> Path:
+    """The sysfs file of *mountpoint*'s window (a stat, so a request it answers)."""
+    device = os.stat(mountpoint).st_dev
+    return BDI_DIR / f"{os.major(device)}:{os.minor(device)}" / "read_ahead_kb"
+
+
+def readahead(mountpoint: Path) -> int:
+    """The readahead window of *mountpoint*, in bytes."""
+    return int(readahead_file(mountpoint).read_text()) * 1024
+
+
+def set_readahead(mountpoint: Path, size: int) -> int:
+    """Set *mountpoint*'s window to *size* bytes (whole pages); return what the
+    kernel now has.  OSError when it cannot be set (not root, sysfs read-only)."""
+    pages = max(1, size // PAGE)
+    path = readahead_file(mountpoint)
+    path.write_text(f"{pages * PAGE // 1024}\n")
+    return int(path.read_text()) * 1024

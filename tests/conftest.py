@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -302,6 +302,36 @@ def login_less_users(*names: str) -> Iterator[dict[str, pwd.struct_passwd]]:
     finally:
         for name in names:
             subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+NOBODY = 65534
+
+
+def as_nobody(action: Callable[[TextIO], int]) -> tuple[int, str]:
+    """Run *action* in a forked child that dropped to uid/gid 65534 (nobody).
+
+    The interpreter and what the test imported are already loaded, so no
+    second Python install readable by that user is needed.  *action* writes
+    what it has to say to the stream it is given; returned with its exit code.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "w") as out:
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                code = action(out)
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as said:
+        text = said.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
 
 
 # public_dir's directories, removed at the end of the session: a test's mounts

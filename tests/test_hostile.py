@@ -11,8 +11,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import pytest
+
+from tests.conftest import as_nobody
 
 
 @pytest.fixture
@@ -104,8 +107,7 @@ def test_read_only_store_is_refused_cleanly(tmp_path: Path) -> None:
 def test_unwritable_mountpoint_is_refused_for_an_unprivileged_user(tmp_path: Path) -> None:
     """fusermount3 lets a user mount only on a directory the user may write.
 
-    The check runs in a forked child that drops to uid/gid 65534: the
-    interpreter is already loaded, so no second Python install is needed.
+    The mount is tried by nobody (uid 65534) in a forked child (`as_nobody`).
     """
     from mithrilfs import cli, daemon  # imported before dropping privileges: the
 
@@ -120,25 +122,13 @@ def test_unwritable_mountpoint_is_refused_for_an_unprivileged_user(tmp_path: Pat
         if directory == Path("/tmp"):
             break
         directory.chmod(0o755)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: become nobody, run the CLI, report
-        code = 99
-        try:
-            os.close(read_end)
-            sys.stderr = os.fdopen(write_end, "w")  # pytest captured the original
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            code = cli.main(["mount", str(mountpoint), "--store", str(store)])
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as stderr:
-        message = stderr.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 2, message
+
+    def mount_as_nobody(stderr: TextIO) -> int:
+        sys.stderr = stderr  # pytest captured the original
+        return cli.main(["mount", str(mountpoint), "--store", str(store)])
+
+    code, message = as_nobody(mount_as_nobody)
+    assert code == 2, message
     assert message.startswith("mithrilfs: ")
     assert "not writable" in message
     assert not os.path.ismount(mountpoint)
