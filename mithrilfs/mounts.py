@@ -25,6 +25,7 @@ class MountEntry:
     fstype: str
     source: str
     options: str = ""  # the superblock's options (FUSE: user_id=, group_id=, ...)
+    device: str = ""  # major:minor of the mounted filesystem (FUSE: 0:N)
 
 
 def _unescape(field: str) -> str:
@@ -50,7 +51,9 @@ def mount_table() -> list[MountEntry]:
             if len(fields) < 5 or len(rest) < 2:
                 continue
             options = rest[2] if len(rest) > 2 else ""
-            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), options))
+            entries.append(
+                MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), options, fields[2])
+            )
     return entries
 
 
@@ -87,7 +90,7 @@ def fusermount_unmount(path: Path, *, lazy: bool = False) -> subprocess.Complete
 # -- the readahead window ------------------------------------------------------
 #
 # A FUSE mount gets the kernel's default window (128 KiB) whatever the disk
-# under the store uses (8 MiB on this project's virtio disks), and each window
+# under the store uses (8 MiB on the virtio disks measured here), and each window
 # is one READ request: a 256 MiB artifact read cold costs 2048 round trips to
 # the daemon.  libfuse 3 lets a READ carry up to 1 MiB (max_pages 256), so a
 # wider window means fewer, larger requests, and several in flight.  The
@@ -98,9 +101,20 @@ def fusermount_unmount(path: Path, *, lazy: bool = False) -> subprocess.Complete
 
 
 def readahead_file(mountpoint: Path) -> Path:
-    """The sysfs file of *mountpoint*'s window (a stat, so a request it answers)."""
+    """The sysfs file of the window of the mithrilfs mount at *mountpoint*.
+
+    Its device number comes from a stat of the mountpoint (a request the
+    daemon answers) and must be the one the mount table gives the mithrilfs
+    mount there: a root daemon writes this file, and a path changed under it
+    after mounting (a parent directory swapped for a symlink) must not lead
+    it to another filesystem's setting.
+    """
     device = os.stat(mountpoint).st_dev
-    return BDI_DIR / f"{os.major(device)}:{os.minor(device)}" / "read_ahead_kb"
+    number = f"{os.major(device)}:{os.minor(device)}"
+    entry = find_mount(Path(os.path.realpath(mountpoint)))
+    if entry is None or entry.fstype != FSTYPE or entry.device != number:
+        raise OSError(errno.ESTALE, f"{mountpoint} no longer leads to this mithrilfs mount")
+    return BDI_DIR / number / "read_ahead_kb"
 
 
 def readahead(mountpoint: Path) -> int:

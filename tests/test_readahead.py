@@ -174,3 +174,32 @@ def test_a_daemon_that_may_not_set_the_window_says_so(
     )
     assert readahead(mount.mountpoint) == 256 * KiB
     assert (mount / "triton").is_dir()  # the mount serves on
+
+
+def test_a_path_that_no_longer_leads_to_the_mount_is_not_followed(
+    mount: Mount, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A root daemon writes the window of the mount it made, never of another
+    filesystem that its mountpoint's path leads to after a swap."""
+    wait_for_window(mount, DEFAULT_READAHEAD)
+    via = tmp_path / "via"
+    via.symlink_to(mount.mountpoint.parent)
+    assert readahead(via / mount.mountpoint.name) == DEFAULT_READAHEAD  # the mount, so far
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / mount.mountpoint.name).mkdir(parents=True)
+    disk = os.stat(elsewhere).st_dev
+    disk_window = Path(f"/sys/class/bdi/{os.major(disk)}:{os.minor(disk)}/read_ahead_kb")
+    before = disk_window.read_text() if disk_window.exists() else None
+    via.unlink()
+    via.symlink_to(elsewhere)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="mithrilfs"):
+            # A size neither window has, so that a write to either would show.
+            trio.run(widen_readahead, via / mount.mountpoint.name, 12 * MiB)
+        assert "no longer leads to this mithrilfs mount" in caplog.text
+        assert (disk_window.read_text() if disk_window.exists() else None) == before
+    finally:
+        if before is not None and disk_window.read_text() != before:
+            disk_window.write_text(before)  # the host's own disk: put it back
+    assert readahead(mount.mountpoint) == DEFAULT_READAHEAD
