@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -321,10 +322,13 @@ def as_nobody(action: Callable[[TextIO], int]) -> tuple[int, str]:
         try:
             os.close(read_end)
             with os.fdopen(write_end, "w") as out:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
-                code = action(out)
+                try:
+                    os.setgroups([])
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                    code = action(out)
+                except BaseException:
+                    traceback.print_exc(file=out)  # for the test's failure message
         finally:
             os._exit(code)
     os.close(write_end)
