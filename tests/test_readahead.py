@@ -88,12 +88,17 @@ def read_through(path: Path) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("options", "most", "fewest"),
+    ("options", "window", "most", "fewest"),
     [
         # The kernel's own window: one READ per 128 KiB.
-        (["--readahead", "128K"], ARTIFACT // KERNEL_DEFAULT, ARTIFACT // KERNEL_DEFAULT),
+        (
+            ["--readahead", "128K"],
+            KERNEL_DEFAULT,
+            ARTIFACT // KERNEL_DEFAULT,
+            ARTIFACT // KERNEL_DEFAULT,
+        ),
         # The default: READs as large as libfuse lets them be.
-        ([], ARTIFACT // LARGEST_READ + 1, ARTIFACT // LARGEST_READ),
+        ([], DEFAULT_READAHEAD, ARTIFACT // LARGEST_READ + 1, ARTIFACT // LARGEST_READ),
     ],
 )
 def test_a_big_artifact_is_read_in_requests_as_large_as_the_window(
@@ -101,6 +106,7 @@ def test_a_big_artifact_is_read_in_requests_as_large_as_the_window(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     options: list[str],
+    window: int,
     most: int,
     fewest: int,
 ) -> None:
@@ -116,16 +122,12 @@ def test_a_big_artifact_is_read_in_requests_as_large_as_the_window(
     artifact.write_bytes(content)
     # A new mount: nothing of the file in the kernel's page cache.
     mount.remount()
-    wait_for_window(mount, readahead_of(options))
+    wait_for_window(mount, window)
     counted_reads(mount, counts)
 
     assert read_through(artifact) == content
     reads = counted_reads(mount, counts)
     assert fewest <= reads <= most, reads
-
-
-def readahead_of(options: list[str]) -> int:
-    return 128 * KiB if options else DEFAULT_READAHEAD
 
 
 @pytest.mark.parametrize(
